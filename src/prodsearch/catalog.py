@@ -1,0 +1,243 @@
+"""Reading a catalog CSV into validated product rows; bad rows become Rejections, never aborts.
+
+Rows are numbered as in a spreadsheet: the header is row 1, the first product row 2.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from pydantic import BaseModel, ConfigDict
+
+from prodsearch.errors import CatalogError, RowError
+from prodsearch.recipes import Recipe
+
+MAX_TITLE_CHARS = 2_000
+FIRST_DATA_ROW = 2
+RESERVED_PAYLOAD_KEYS = frozenset({"product_id", "title", "image_path", "image_phash", "content_hash"})
+
+_BYTE_ESCAPES = re.compile(r"(?:\\x[0-9a-fA-F]{2})+")
+_PHASH = re.compile(r"^[0-9a-fA-F]{16}$")
+_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+
+class CatalogRow(BaseModel):
+    """One valid product of a catalog."""
+
+    model_config = ConfigDict(frozen=True)
+
+    row: int
+    product_id: str
+    title: str | None = None
+    image_path: Path | None = None
+    phash: str | None = None
+    payload: dict[str, Any] = {}
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A row that was not ingested, and why."""
+
+    row: int
+    product_id: str | None
+    field: str
+    reason: str
+
+    @classmethod
+    def from_error(cls, error: RowError) -> Rejection:
+        """Build a Rejection from a RowError."""
+        return cls(error.row, error.product_id, error.field, error.reason)
+
+
+@dataclass
+class Catalog:
+    """The valid rows of a catalog file and the rows rejected while reading it."""
+
+    path: Path
+    rows: list[CatalogRow]
+    rejections: list[Rejection] = field(default_factory=list)
+    rows_read: int = 0
+
+
+def clean_title(raw: str) -> str:
+    """Return `raw` with literal byte escapes (`\\xc3\\x89`) decoded, HTML entities unescaped
+    (twice: exports hold `&amp;quot;`) and whitespace collapsed."""
+    text = _BYTE_ESCAPES.sub(_decode_byte_escapes, raw)
+    text = html.unescape(html.unescape(text))
+    return " ".join(text.split())
+
+
+def _decode_byte_escapes(match: re.Match[str]) -> str:
+    data = bytes.fromhex(match.group(0).replace("\\x", ""))
+    return data.decode("utf-8", errors="replace")
+
+
+def read_catalog(path: Path, recipe: Recipe, images_dir: Path | None = None) -> Catalog:
+    """Read the CSV at `path` with `recipe`'s column mapping.
+
+    Images are resolved against `images_dir` (default: the CSV's folder) and must stay inside it.
+    Returns the valid rows and the rejected ones. Raises CatalogError when the file as a whole
+    cannot be used (missing, not UTF-8, empty, wrong delimiter, required columns absent).
+    """
+    frame = _read_frame(path, recipe)
+    _check_columns(frame, recipe, path)
+    image_root = (images_dir or path.parent).resolve()
+    payload_columns = [c for c in frame.columns if c not in recipe.mapped_columns()]
+    clashes = RESERVED_PAYLOAD_KEYS.intersection(payload_columns)
+    if clashes:
+        raise CatalogError(
+            f"{path}: column(s) {sorted(clashes)} clash with prodsearch's own payload keys; "
+            "rename them or map them in a recipe"
+        )
+    numeric = {c for c in payload_columns if _is_numeric(frame[c])}
+
+    catalog = Catalog(path=path, rows=[], rows_read=len(frame))
+    first_row_of: dict[str, int] = {}
+    for offset, record in enumerate(frame.to_dict(orient="records")):
+        row_number = offset + FIRST_DATA_ROW
+        try:
+            row = _validate_row(row_number, record, recipe, image_root, payload_columns, numeric)
+            if row.product_id in first_row_of:
+                raise RowError(
+                    row_number,
+                    recipe.id,
+                    f"duplicate id {row.product_id!r} (first seen on row "
+                    f"{first_row_of[row.product_id]}); the first occurrence is kept",
+                    row.product_id,
+                )
+        except RowError as error:
+            catalog.rejections.append(Rejection.from_error(error))
+            continue
+        first_row_of[row.product_id] = row_number
+        catalog.rows.append(row)
+    return catalog
+
+
+def _read_frame(path: Path, recipe: Recipe) -> pd.DataFrame:
+    if not path.is_file():
+        raise CatalogError(f"catalog file not found: {path}")
+    try:
+        return pd.read_csv(
+            path,
+            dtype=str,
+            keep_default_na=False,
+            sep=recipe.delimiter,
+            encoding="utf-8",
+            quoting=csv.QUOTE_MINIMAL,
+        )
+    except UnicodeDecodeError as exc:
+        raise CatalogError(
+            f"{path} is not UTF-8 (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
+            "re-save the file as UTF-8"
+        ) from exc
+    except pd.errors.EmptyDataError as exc:
+        raise CatalogError(f"{path} is empty: expected a header row and product rows") from exc
+    except pd.errors.ParserError as exc:
+        raise CatalogError(f"{path} is not a valid CSV: {exc}") from exc
+
+
+def _check_columns(frame: pd.DataFrame, recipe: Recipe, path: Path) -> None:
+    columns = list(frame.columns)
+    required = [recipe.id] + [c for c in (recipe.title, recipe.image) if c]
+    missing = [c for c in required if c not in columns]
+    if recipe.id in columns and (
+        (recipe.title and recipe.title in columns) or (recipe.image and recipe.image in columns)
+    ):
+        return
+    hint = ""
+    if len(columns) == 1:
+        for delimiter in (";", "\t", "|"):
+            if delimiter in columns[0]:
+                hint = f" The header looks {delimiter!r}-delimited: pass --delimiter {delimiter!r}."
+    raise CatalogError(
+        f"{path}: required column(s) {missing} not found; the header has {columns[:10]}. "
+        f"Choose a recipe that fits (--recipe) or rename the columns.{hint}"
+    )
+
+
+def _is_numeric(column: pd.Series) -> bool:
+    values = column[column != ""]
+    if values.empty:
+        return False
+    return bool(pd.to_numeric(values, errors="coerce").notna().all())
+
+
+def _validate_row(
+    row: int,
+    record: dict[str, str],
+    recipe: Recipe,
+    image_root: Path,
+    payload_columns: list[str],
+    numeric: set[str],
+) -> CatalogRow:
+    product_id = (record.get(recipe.id) or "").strip()
+    if not product_id or product_id.lower() in {"nan", "null", "none"}:
+        raise RowError(row, recipe.id, "missing product id")
+    title = clean_title(record.get(recipe.title, "")) if recipe.title else ""
+    if len(title) > MAX_TITLE_CHARS:
+        raise RowError(
+            row, recipe.title or "title",
+            f"title is {len(title):,} characters, over the limit of {MAX_TITLE_CHARS:,}",
+            product_id,
+        )
+    image_path = _resolve_image(row, record, recipe, image_root, product_id)
+    phash = (record.get(recipe.phash) or "").strip().lower() if recipe.phash else ""
+    if phash and not _PHASH.match(phash):
+        raise RowError(
+            row, recipe.phash or "image_phash",
+            f"image_phash {phash[:40]!r} is not 16 hexadecimal digits", product_id,
+        )
+    if not title and image_path is None:
+        raise RowError(row, recipe.title or "title", "empty title and no image", product_id)
+    payload: dict[str, Any] = {}
+    for column in payload_columns:
+        value = record[column]
+        if value == "":
+            continue
+        payload[column] = _number(value) if column in numeric else value
+    return CatalogRow(
+        row=row,
+        product_id=product_id,
+        title=title or None,
+        image_path=image_path,
+        phash=phash or None,
+        payload=payload,
+    )
+
+
+def _resolve_image(
+    row: int, record: dict[str, str], recipe: Recipe, image_root: Path, product_id: str
+) -> Path | None:
+    if not recipe.image:
+        return None
+    value = (record.get(recipe.image) or "").strip()
+    if not value:
+        return None
+    if _URL.match(value):
+        raise RowError(
+            row, recipe.image,
+            f"image {value[:80]!r} is a URL; download the images and pass --images-dir",
+            product_id,
+        )
+    candidate = (image_root / value).resolve()
+    if not candidate.is_relative_to(image_root):
+        raise RowError(
+            row, recipe.image, f"image path {value!r} points outside {image_root}", product_id
+        )
+    if not candidate.is_file():
+        raise RowError(row, recipe.image, f"image file not found: {candidate}", product_id)
+    return candidate
+
+
+def _number(value: str) -> int | float:
+    number = float(value)
+    if math.isfinite(number) and number.is_integer() and "." not in value and "e" not in value:
+        return int(value)
+    return number

@@ -1,0 +1,242 @@
+"""The `prodsearch` command line. `--json` output is one JSON document on stdout; progress, logs
+and tables go to stderr."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from prodsearch.errors import ConfigError, ProdsearchError
+
+app = typer.Typer(
+    help="Product matching for e-commerce catalogs on Qdrant.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+stderr = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+StoreOption = Annotated[
+    str | None,
+    typer.Option(
+        "--store",
+        help="Directory (embedded Qdrant Edge), http(s):// URL (Qdrant server), local:DIR or "
+        ":memory: (qdrant-client local mode). Default: PRODSEARCH_STORE or ./prodsearch-data.",
+    ),
+]
+CollectionOption = Annotated[
+    str | None, typer.Option("--collection", help="Collection name. Default: products.")
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+
+
+def _reports_errors(command: F) -> F:
+    """Turn project errors into a one-line message on stderr and exit code 1."""
+
+    @wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except ProdsearchError as exc:
+            stderr.print(f"[red]error:[/red] {exc}", highlight=False)
+            raise typer.Exit(1) from exc
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _settings(store: str | None, collection: str | None, **extra: Any) -> Any:
+    from pydantic import ValidationError
+
+    from prodsearch.settings import Settings
+
+    overrides = {k: v for k, v in {"store": store, "collection": collection, **extra}.items() if v is not None}
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid settings: {exc}") from exc
+
+
+def _print_json(document: Any) -> None:
+    sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
+
+
+@app.command()
+@_reports_errors
+def ingest(
+    catalog: Annotated[Path, typer.Argument(help="The catalog CSV.")],
+    store: StoreOption = None,
+    collection: CollectionOption = None,
+    recipe: Annotated[
+        str, typer.Option(help="Column mapping: a built-in name (see `prodsearch recipes`) or a .toml path.")
+    ] = "generic",
+    images_dir: Annotated[
+        Path | None, typer.Option(help="Folder image paths are relative to (default: the CSV's folder).")
+    ] = None,
+    delimiter: Annotated[str | None, typer.Option(help="CSV delimiter (default: the recipe's).")] = None,
+    report: Annotated[
+        Path | None, typer.Option(help="Where to write rejected rows (default: CATALOG.rejects.csv).")
+    ] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Products per upsert batch.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Upsert a catalog's products (named vectors + payload) into a collection; re-runs resume.
+
+    Exit code 0 when products were ingested (bad rows are skipped and reported), 1 when none
+    could be.
+    """
+    from prodsearch.catalog import read_catalog
+    from prodsearch.index import Index
+    from prodsearch.ingest import ingest_catalog
+    from prodsearch.recipes import load_recipe
+
+    settings = _settings(store, collection, batch_size=batch_size)
+    column_map = load_recipe(recipe)
+    if delimiter:
+        column_map = column_map.model_copy(update={"delimiter": delimiter})
+    rows = read_catalog(catalog, column_map, images_dir)
+    report_path = report or catalog.with_name(catalog.stem + ".rejects.csv")
+    with Index(settings=settings) as index:
+        result = ingest_catalog(index, rows, report_path=report_path, console=stderr)
+        total = index.count()
+    summary = {**result.as_dict(), "collection": settings.collection, "store": settings.store,
+               "products_in_collection": total}
+    if as_json:
+        _print_json(summary)
+    else:
+        table = Table(title=f"ingest {catalog.name} -> {settings.collection}", show_header=False)
+        for key, value in summary.items():
+            table.add_row(key, str(value))
+        stderr.print(table)
+        for rejection in result.rejections[:10]:
+            stderr.print(f"  row {rejection.row} ({rejection.field}): {rejection.reason}", highlight=False)
+        if result.skipped > 10:
+            stderr.print(f"  ... {result.skipped - 10} more in {result.report_path}")
+    if result.upserted + result.unchanged == 0:
+        stderr.print("[red]error:[/red] no product could be ingested")
+        raise typer.Exit(1)
+
+
+@app.command()
+@_reports_errors
+def match(
+    title: Annotated[str | None, typer.Option(help="Product title.")] = None,
+    image: Annotated[Path | None, typer.Option(help="Product image file.")] = None,
+    phash: Annotated[str | None, typer.Option(help="A known 16-hex-digit perceptual hash.")] = None,
+    k: Annotated[int | None, typer.Option(min=1, help="Matches to return.")] = None,
+    fusion: Annotated[str | None, typer.Option(help="rrf, dbsf or formula.")] = None,
+    threshold: Annotated[
+        list[str] | None, typer.Option(help="Per-modality threshold override, e.g. text=0.8 (repeatable).")
+    ] = None,
+    filter_: Annotated[
+        list[str] | None, typer.Option("--filter", help="Payload filter key=value or key!=value (repeatable).")
+    ] = None,
+    store: StoreOption = None,
+    collection: CollectionOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Find the catalog products matching a title and/or an image."""
+    from prodsearch.filters import parse_cli_filters
+    from prodsearch.index import Index
+
+    if fusion not in (None, "rrf", "dbsf", "formula"):
+        raise ConfigError(f"--fusion {fusion!r}: choose rrf, dbsf or formula")
+    thresholds = {}
+    for item in threshold or []:
+        name, _, value = item.partition("=")
+        try:
+            thresholds[name] = float(value)
+        except ValueError as exc:
+            raise ConfigError(f"--threshold {item!r}: expected modality=number") from exc
+    settings = _settings(store, collection)
+    with Index(settings=settings) as index:
+        matches = index.match(
+            title, image, phash=phash, k=k, thresholds=thresholds or None,
+            fusion=fusion,  # type: ignore[arg-type]
+            filter=parse_cli_filters(filter_ or []),
+        )
+    if as_json:
+        _print_json({"query": {"title": title, "image": str(image) if image else None},
+                     "matches": [m.as_dict() for m in matches]})
+        return
+    table = Table(title=f"{len(matches)} match(es)")
+    for column in ("product_id", "score", "matched by", "modality scores", "title"):
+        table.add_column(column)
+    for m in matches:
+        table.add_row(
+            m.product_id,
+            f"{m.score:.3f}",
+            ",".join(m.matched_by),
+            " ".join(f"{k}={v:.3f}" for k, v in m.scores.items()),
+            str(m.payload.get("title", ""))[:60],
+        )
+    Console().print(table)
+
+
+@app.command()
+@_reports_errors
+def info(store: StoreOption = None, collection: CollectionOption = None, as_json: JsonOption = False) -> None:
+    """Show a collection's size and the encoders that wrote it."""
+    from prodsearch.store import open_store
+
+    settings = _settings(store, collection)
+    with open_store(settings.store) as opened:
+        manifest = opened.manifest(settings.collection)
+        document = {"store": settings.store, "collection": settings.collection,
+                    "products": opened.count(settings.collection), **manifest.as_dict()}
+    if as_json:
+        _print_json(document)
+    else:
+        Console().print_json(json.dumps(document, default=str))
+
+
+@app.command()
+def recipes() -> None:
+    """List the built-in catalog recipes."""
+    from prodsearch.recipes import builtin_recipes, load_recipe
+
+    for name in builtin_recipes():
+        typer.echo(f"{name:16} {load_recipe(name).description}")
+
+
+@app.command(name="eval")
+@_reports_errors
+def evaluate(
+    catalog: Annotated[Path, typer.Argument(help="Labelled catalog CSV (e.g. Shopee train.csv).")],
+    split_file: Annotated[Path, typer.Option(help="CSV of id,split with val and test rows.")],
+    recipe: Annotated[str, typer.Option(help="Column mapping (see `prodsearch recipes`).")] = "shopee",
+    label_column: Annotated[str, typer.Option(help="Column holding the product group.")] = "label_group",
+    store: Annotated[
+        str | None, typer.Option("--store", help="Where to build the val/test collections (default: a temporary directory).")
+    ] = None,
+    write_settings: Annotated[
+        Path | None, typer.Option(help="Write the tuned thresholds and fusion to this TOML settings file.")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Tune thresholds and fusion on `val`, report precision/recall/F1 on `test`.
+
+    Each split is ingested as its own collection; every product queries its own split's catalog
+    and counts in its own match set (the Shopee metric). The TF-IDF baseline runs in the same pass.
+    """
+    from prodsearch.evaluate import format_table, run_evaluation
+
+    result = run_evaluation(
+        catalog, split_file, recipe=recipe, label_column=label_column, store=store,
+        console=stderr,
+    )
+    if write_settings:
+        result.write_settings(write_settings)
+        stderr.print(f"tuned settings written to {write_settings}")
+    if as_json:
+        _print_json(result.as_dict())
+    else:
+        Console().print(format_table(result))

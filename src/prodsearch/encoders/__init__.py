@@ -1,0 +1,71 @@
+"""Encoders: one per named vector. `EncoderSet` holds the active ones, loaded lazily."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from prodsearch.encoders.base import (
+    Encoder,
+    EncoderIdentity,
+    EncoderInput,
+    SparseVec,
+    Vector,
+)
+from prodsearch.encoders.chars import CharsEncoder
+from prodsearch.encoders.image import ImageEncoder
+from prodsearch.encoders.phash import PhashEncoder, compute_phash
+from prodsearch.encoders.text import TextEncoder
+
+__all__ = [
+    "CharsEncoder",
+    "Encoder",
+    "EncoderIdentity",
+    "EncoderInput",
+    "EncoderSet",
+    "ImageEncoder",
+    "PhashEncoder",
+    "SparseVec",
+    "TextEncoder",
+    "Vector",
+    "compute_phash",
+]
+
+
+@dataclass
+class EncoderSet:
+    """The encoders that fill a collection's named vectors, keyed by vector name."""
+
+    encoders: dict[str, Encoder]
+
+    @classmethod
+    def default(cls, text_max_tokens: int = 64) -> EncoderSet:
+        """Return the shipped encoders: text, chars, image and phash."""
+        return cls(
+            {
+                e.modality: e
+                for e in (TextEncoder(max_tokens=text_max_tokens), CharsEncoder(), ImageEncoder(),
+                          PhashEncoder())
+            }
+        )
+
+    def __iter__(self) -> Iterator[Encoder]:
+        return iter(self.encoders.values())
+
+    def __getitem__(self, modality: str) -> Encoder:
+        return self.encoders[modality]
+
+    def identities(self) -> dict[str, EncoderIdentity]:
+        """Return each encoder's identity, keyed by vector name."""
+        return {name: encoder.identity() for name, encoder in self.encoders.items()}
+
+    def encode(self, items: Sequence[EncoderInput]) -> list[dict[str, Vector]]:
+        """Return, per item, its vectors keyed by vector name (missing inputs leave gaps)."""
+        per_item: list[dict[str, Vector]] = [{} for _ in items]
+        if not items:
+            return per_item
+        for name, encoder in self.encoders.items():
+            for vectors, vector in zip(per_item, encoder.encode(items), strict=True):
+                if vector is not None:
+                    vectors[name] = vector
+        return per_item

@@ -1,0 +1,292 @@
+"""The Index: an open collection plus the encoders that wrote it; `match` runs one fused query.
+
+A match is one Query API request: a prefetch per available named vector, each with its own
+`score_threshold`, fused inside the engine (RRF, DBSF or a weighted-sum formula). The
+per-modality scores of the hits come from one exact rescoring batch restricted to the hit ids
+(Qdrant does not return them with a fused result; this is not a second kNN over the catalog).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from prodsearch.encoders import EncoderInput, EncoderSet, Vector
+from prodsearch.encoders.phash import compute_phash
+from prodsearch.errors import ConfigError
+from prodsearch.filters import FilterSpec
+from prodsearch.images import ImageSource, load_image
+from prodsearch.settings import MODALITIES, FusionName, Settings
+from prodsearch.store import (
+    FusedQuery,
+    Fusion,
+    Hit,
+    Manifest,
+    ModalityQuery,
+    ScoreRequest,
+    Store,
+    open_store,
+    point_id,
+)
+
+
+@dataclass(frozen=True)
+class Match:
+    """One matching product and why it matched."""
+
+    product_id: str
+    #: the fused score (its scale depends on the fusion: RRF ranks, DBSF, or the formula's sum)
+    score: float
+    #: the engine's score of every modality that scored this product, e.g. {"text": 0.91}
+    scores: dict[str, float]
+    #: the modalities whose score reached their threshold (the signals that fired)
+    matched_by: tuple[str, ...]
+    payload: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return a JSON-serialisable form."""
+        return {
+            "product_id": self.product_id,
+            "score": self.score,
+            "scores": self.scores,
+            "matched_by": list(self.matched_by),
+            "payload": self.payload,
+        }
+
+
+@dataclass(frozen=True)
+class MatchOptions:
+    """Per-call knobs; None means "from settings"."""
+
+    k: int | None = None
+    thresholds: Mapping[str, float] | None = None
+    fusion: FusionName | None = None
+    filter: FilterSpec | Mapping[str, Any] | None = None
+    exclude_ids: Sequence[str] = ()
+
+
+class Index:
+    """An open prodsearch collection: ingest into it, match against it.
+
+    Opening an existing collection checks that it was written by this process's encoders and
+    raises EncoderMismatchError otherwise. Use as a context manager, or call `close()`.
+    """
+
+    def __init__(
+        self,
+        store: str | Store | None = None,
+        collection: str | None = None,
+        settings: Settings | None = None,
+        encoders: EncoderSet | None = None,
+    ) -> None:
+        self.settings = settings or Settings()
+        self.collection = collection or self.settings.collection
+        self.encoders = encoders or EncoderSet.default(self.settings.text_max_tokens)
+        self.store = open_store(store or self.settings.store) if not isinstance(store, Store) else store
+        self._checked = False
+
+    def __enter__(self) -> Index:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the store."""
+        self.store.close()
+
+    # -- collection ---------------------------------------------------------------------------
+    def expected_manifest(self) -> Manifest:
+        """Return the manifest a collection written by these encoders has."""
+        return Manifest(
+            vectors={e.modality: {"dim": e.dim, "distance": e.distance} for e in self.encoders},
+            encoders={name: i.as_dict() for name, i in self.encoders.identities().items()},
+        )
+
+    def ensure_collection(self) -> None:
+        """Create the collection if it is missing; otherwise check its encoders."""
+        if not self.store.has_collection(self.collection):
+            self.store.create_collection(self.collection, self.expected_manifest())
+            self._checked = True
+        self.check_encoders()
+
+    def check_encoders(self) -> None:
+        """Raise CollectionNotFoundError or EncoderMismatchError unless the collection fits."""
+        if self._checked:
+            return
+        manifest = self.store.manifest(self.collection)
+        manifest.check_encoders(self.expected_manifest().encoders, self.collection)
+        self._checked = True
+
+    def count(self) -> int:
+        """Return the number of products in the collection."""
+        self.check_encoders()
+        return self.store.count(self.collection)
+
+    def get(self, product_id: str) -> dict[str, Any] | None:
+        """Return the stored payload of a product, or None when it is absent."""
+        self.check_encoders()
+        points = self.store.retrieve(self.collection, [point_id(product_id)])
+        return points[0].payload if points else None
+
+    # -- encoding -----------------------------------------------------------------------------
+    def encode_query(
+        self, title: str | None = None, image: ImageSource | None = None, phash: str | None = None
+    ) -> dict[str, Vector]:
+        """Return the query vectors of a title and/or image (or a known perceptual hash)."""
+        from prodsearch.catalog import clean_title
+
+        title = clean_title(title) if title else None
+        decoded = load_image(image, max_pixels=self.settings.max_image_pixels) if image is not None else None
+        if decoded is not None and phash is None:
+            phash = compute_phash(decoded)
+        if not title and decoded is None and not phash:
+            raise ConfigError("match needs a title, an image or a phash")
+        return self.encoders.encode([EncoderInput(title=title or None, image=decoded, phash=phash)])[0]
+
+    # -- matching -----------------------------------------------------------------------------
+    def match(
+        self,
+        title: str | None = None,
+        image: ImageSource | None = None,
+        *,
+        phash: str | None = None,
+        k: int | None = None,
+        thresholds: Mapping[str, float] | None = None,
+        fusion: FusionName | None = None,
+        filter: FilterSpec | Mapping[str, Any] | None = None,
+        exclude_ids: Sequence[str] = (),
+    ) -> list[Match]:
+        """Return the catalog products matching a title and/or an image, best first.
+
+        `image` is a path, encoded bytes or a PIL image. `thresholds` overrides the per-modality
+        score thresholds, `fusion` the fusion method ("rrf", "dbsf", "formula"), `filter` is a
+        payload filter (see FilterSpec.from_mapping), `exclude_ids` product ids to leave out.
+        Raises ConfigError without any input, ImageError for an unreadable image, and
+        CollectionNotFoundError / EncoderMismatchError when the collection does not fit.
+        """
+        options = MatchOptions(k, thresholds, fusion, filter, exclude_ids)
+        return self.match_vectors([self.encode_query(title, image, phash)], options)[0]
+
+    def match_vectors(
+        self, queries: Sequence[Mapping[str, Vector]], options: MatchOptions = MatchOptions()
+    ) -> list[list[Match]]:
+        """Match many already-encoded queries in one engine batch; one list per query."""
+        self.check_encoders()
+        thresholds = self._thresholds(options.thresholds)
+        fused = [self._fused_query(vectors, thresholds, options) for vectors in queries]
+        hits = self.store.query_batch(self.collection, fused)
+        scores = self._modality_scores(queries, hits)
+        return [
+            [
+                Match(
+                    product_id=str(hit.payload.get("product_id", hit.point_id)),
+                    score=hit.score,
+                    scores=per_hit,
+                    matched_by=tuple(
+                        m for m in MODALITIES if m in per_hit and per_hit[m] >= thresholds[m]
+                    ),
+                    payload=hit.payload,
+                )
+                for hit, per_hit in zip(query_hits, query_scores, strict=True)
+            ]
+            for query_hits, query_scores in zip(hits, scores, strict=True)
+        ]
+
+    def match_products(
+        self, product_ids: Sequence[str], options: MatchOptions = MatchOptions()
+    ) -> list[list[Match]]:
+        """Match catalog products against the catalog, using their stored vectors.
+
+        Each product finds itself (as in the Shopee task) unless excluded. Products absent from
+        the collection get an empty list.
+        """
+        self.check_encoders()
+        stored = {
+            p.point_id: p.vectors
+            for p in self.store.retrieve(
+                self.collection, [point_id(p) for p in product_ids], with_vectors=True
+            )
+        }
+        vectors = [stored.get(point_id(p), {}) for p in product_ids]
+        present = [i for i, v in enumerate(vectors) if v]
+        results = self.match_vectors([vectors[i] for i in present], options)
+        out: list[list[Match]] = [[] for _ in product_ids]
+        for i, result in zip(present, results, strict=True):
+            out[i] = result
+        return out
+
+    def _thresholds(self, overrides: Mapping[str, float] | None) -> dict[str, float]:
+        thresholds = {m: self.settings.thresholds.get(m) for m in MODALITIES}
+        for name, value in (overrides or {}).items():
+            if name not in thresholds:
+                raise ConfigError(f"unknown modality {name!r} in thresholds; known: {MODALITIES}")
+            thresholds[name] = float(value)
+        return thresholds
+
+    def _fused_query(
+        self, vectors: Mapping[str, Vector], thresholds: dict[str, float], options: MatchOptions
+    ) -> FusedQuery:
+        settings = self.settings
+        prefetches = tuple(
+            ModalityQuery(m, vectors[m], thresholds[m], settings.prefetch_limit)
+            for m in MODALITIES
+            if m in vectors
+        )
+        if not prefetches:
+            raise ConfigError("the query has no vector to search with")
+        spec = options.filter
+        if spec is not None and not isinstance(spec, FilterSpec):
+            spec = FilterSpec.from_mapping(spec)
+        return FusedQuery(
+            prefetches=prefetches,
+            fusion=Fusion(
+                method=options.fusion or settings.fusion,
+                rrf_k=settings.rrf_k,
+                weights={m: settings.formula_weights.get(m) for m in MODALITIES},
+                threshold=settings.formula_threshold,
+            ),
+            limit=options.k or settings.k,
+            filter=spec,
+            exclude_point_ids=tuple(point_id(p) for p in options.exclude_ids),
+            hnsw_ef=settings.hnsw_ef,
+        )
+
+    def _modality_scores(
+        self, queries: Sequence[Mapping[str, Vector]], hits: list[list[Hit]]
+    ) -> list[list[dict[str, float]]]:
+        requests = [
+            ScoreRequest(modality, vector, tuple(h.point_id for h in query_hits))
+            for vectors, query_hits in zip(queries, hits, strict=True)
+            for modality, vector in vectors.items()
+        ]
+        scored = iter(self.store.score_batch(self.collection, requests))
+        out = []
+        for vectors, query_hits in zip(queries, hits, strict=True):
+            per_modality = {modality: next(scored) for modality in vectors}
+            out.append(
+                [
+                    {m: s[h.point_id] for m, s in per_modality.items() if h.point_id in s}
+                    for h in query_hits
+                ]
+            )
+        return out
+
+
+_default_index: Index | None = None
+
+
+def match(
+    title: str | None = None,
+    image: ImageSource | None = None,
+    **options: Any,
+) -> list[Match]:
+    """Match a title and/or image against the default collection (from settings).
+
+    Keeps one Index open for the process; see `Index.match` for the options, results and errors.
+    """
+    global _default_index
+    if _default_index is None:
+        _default_index = Index()
+    return _default_index.match(title, image, **options)

@@ -1,0 +1,212 @@
+"""Ingest: catalog rows -> encoders -> idempotent upserts, in batches, resumable.
+
+Every product maps to a fixed point id, and its payload carries a hash of its content. A re-run
+(after a kill, or on an updated catalog) skips products whose stored hash is unchanged, so it
+resumes where the previous run stopped without duplicates; changed products are replaced whole
+(all named vectors and payload in one upsert), so a point is never half-written.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.text import Text
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from prodsearch.catalog import Catalog, CatalogRow, Rejection
+from prodsearch.encoders import EncoderInput
+from prodsearch.encoders.phash import compute_phash
+from prodsearch.errors import ImageError
+from prodsearch.images import load_image
+from prodsearch.index import Index
+from prodsearch.store import PointRecord, point_id
+
+
+@dataclass
+class IngestReport:
+    """What an ingest did."""
+
+    rows_read: int = 0
+    upserted: int = 0
+    unchanged: int = 0
+    rejections: list[Rejection] = field(default_factory=list)
+    seconds: float = 0.0
+    report_path: Path | None = None
+
+    @property
+    def skipped(self) -> int:
+        """Rows rejected (reported, not stored)."""
+        return len(self.rejections)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return a JSON-serialisable summary."""
+        return {
+            "rows_read": self.rows_read,
+            "upserted": self.upserted,
+            "unchanged": self.unchanged,
+            "skipped": self.skipped,
+            "seconds": round(self.seconds, 2),
+            "products_per_second": round((self.upserted + self.unchanged) / self.seconds, 1)
+            if self.seconds
+            else None,
+            "report": str(self.report_path) if self.report_path else None,
+        }
+
+
+@dataclass
+class _Prepared:
+    row: CatalogRow
+    content_hash: str
+    image_bytes: bytes | None
+
+
+def content_hash(row: CatalogRow, image_bytes: bytes | None) -> str:
+    """Return a hash of everything that determines a product's point (vectors and payload)."""
+    digest = hashlib.sha256()
+    digest.update(
+        json.dumps(
+            [row.product_id, row.title, row.phash, str(row.image_path or ""), row.payload],
+            sort_keys=True,
+            default=str,
+        ).encode()
+    )
+    digest.update(hashlib.sha256(image_bytes).digest() if image_bytes is not None else b"-")
+    return digest.hexdigest()
+
+
+def ingest_catalog(
+    index: Index,
+    catalog: Catalog,
+    *,
+    report_path: Path | None = None,
+    console: Console | None = None,
+    batch_size: int | None = None,
+) -> IngestReport:
+    """Upsert every valid row of `catalog` into `index`'s collection and build the HNSW index.
+
+    Rows already rejected while reading the catalog and rows whose image cannot be decoded are
+    reported (in the returned report and, when any, in `report_path` as CSV); the rest goes on.
+    """
+    started = time.perf_counter()
+    index.ensure_collection()
+    report = IngestReport(rows_read=catalog.rows_read, rejections=list(catalog.rejections))
+    batch_size = batch_size or index.settings.batch_size
+    console = console or Console(stderr=True)
+    with _progress(console) as progress:
+        task = progress.add_task("ingest", total=len(catalog.rows))
+        for batch in _batches(catalog.rows, batch_size):
+            _ingest_batch(index, batch, report)
+            progress.advance(task, len(batch))
+    index.store.build_index(index.collection)
+    report.seconds = time.perf_counter() - started
+    if report.rejections and report_path is not None:
+        write_rejections(report.rejections, report_path)
+        report.report_path = report_path
+    return report
+
+
+class _RateColumn(ProgressColumn):
+    """Products per second."""
+
+    def render(self, task: Task) -> Text:
+        return Text(f"{task.speed or 0:,.0f} products/s")
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        _RateColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    )
+
+
+def _batches(rows: Sequence[CatalogRow], size: int) -> Iterator[Sequence[CatalogRow]]:
+    for start in range(0, len(rows), size):
+        yield rows[start : start + size]
+
+
+def _ingest_batch(index: Index, rows: Sequence[CatalogRow], report: IngestReport) -> None:
+    prepared: list[_Prepared] = []
+    for row in rows:
+        try:
+            image_bytes = row.image_path.read_bytes() if row.image_path else None
+        except OSError as exc:
+            report.rejections.append(
+                Rejection(row.row, row.product_id, "image", f"cannot read image: {exc.strerror}")
+            )
+            continue
+        prepared.append(_Prepared(row, content_hash(row, image_bytes), image_bytes))
+
+    stored = {
+        p.point_id: p.payload.get("content_hash")
+        for p in index.store.retrieve(index.collection, [point_id(p.row.product_id) for p in prepared])
+    }
+    changed = [p for p in prepared if stored.get(point_id(p.row.product_id)) != p.content_hash]
+    report.unchanged += len(prepared) - len(changed)
+
+    inputs: list[EncoderInput] = []
+    kept: list[_Prepared] = []
+    for item in changed:
+        try:
+            inputs.append(_encoder_input(item, index.settings.max_image_pixels))
+        except ImageError as exc:
+            report.rejections.append(Rejection(item.row.row, item.row.product_id, "image", str(exc)))
+            continue
+        kept.append(item)
+
+    vectors = index.encoders.encode(inputs)
+    points = [
+        PointRecord(point_id(item.row.product_id), item_vectors, _payload(item, given.phash))
+        for item, given, item_vectors in zip(kept, inputs, vectors, strict=True)
+    ]
+    index.store.upsert(index.collection, points)
+    report.upserted += len(points)
+
+
+def _encoder_input(item: _Prepared, max_pixels: int) -> EncoderInput:
+    image = load_image(item.image_bytes, max_pixels=max_pixels) if item.image_bytes else None
+    phash = item.row.phash or (compute_phash(image) if image is not None else None)
+    return EncoderInput(title=item.row.title, image=image, phash=phash)
+
+
+def _payload(item: _Prepared, phash: str | None) -> dict[str, Any]:
+    row = item.row
+    payload: dict[str, Any] = {**row.payload, "product_id": row.product_id, "content_hash": item.content_hash}
+    if row.title:
+        payload["title"] = row.title
+    if row.image_path:
+        payload["image_path"] = str(row.image_path)
+    if phash:
+        payload["image_phash"] = phash
+    return payload
+
+
+def write_rejections(rejections: Sequence[Rejection], path: Path) -> None:
+    """Write the rejected rows as CSV: row, product_id, field, reason."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["row", "product_id", "field", "reason"])
+        for r in sorted(rejections, key=lambda r: r.row):
+            writer.writerow([r.row, r.product_id or "", r.field, r.reason])
