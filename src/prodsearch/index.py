@@ -64,6 +64,8 @@ class MatchOptions:
     fusion: FusionName | None = None
     filter: FilterSpec | Mapping[str, Any] | None = None
     exclude_ids: Sequence[str] = ()
+    #: restrict the query to these modalities (default: every vector the query has)
+    modalities: Sequence[str] | None = None
 
 
 class Index:
@@ -85,6 +87,12 @@ class Index:
         self.encoders = encoders or EncoderSet.default(self.settings.text_max_tokens)
         self.store = open_store(store or self.settings.store) if not isinstance(store, Store) else store
         self._checked = False
+
+    def with_settings(self, **changes: Any) -> Index:
+        """Return an Index on the same store, collection and encoders with some settings changed."""
+        twin = Index(self.store, self.collection, self.settings.model_copy(update=changes), self.encoders)
+        twin._checked = self._checked
+        return twin
 
     def __enter__(self) -> Index:
         return self
@@ -161,7 +169,7 @@ class Index:
         """Return the catalog products matching a title and/or an image, best first.
 
         `image` is a path, encoded bytes or a PIL image. `thresholds` overrides the per-modality
-        score thresholds, `fusion` the fusion method ("rrf", "dbsf", "formula"), `filter` is a
+        prefetch score thresholds (for the formula: its floors), `fusion` the fusion method ("rrf", "dbsf", "formula"), `filter` is a
         payload filter (see FilterSpec.from_mapping), `exclude_ids` product ids to leave out.
         Raises ConfigError without any input, ImageError for an unreadable image, and
         CollectionNotFoundError / EncoderMismatchError when the collection does not fit.
@@ -172,14 +180,21 @@ class Index:
     def match_vectors(
         self, queries: Sequence[Mapping[str, Vector]], options: MatchOptions = MatchOptions()
     ) -> list[list[Match]]:
-        """Match many already-encoded queries in one engine batch; one list per query."""
+        """Match many already-encoded queries in one engine batch; one list per query.
+
+        A query with no vector among the requested modalities gets an empty list.
+        """
         self.check_encoders()
-        thresholds = self._thresholds(options.thresholds)
-        fused = [self._fused_query(vectors, thresholds, options) for vectors in queries]
+        thresholds = self._thresholds(options.thresholds, options.fusion or self.settings.fusion)
+        wanted = set(options.modalities or MODALITIES)
+        queries = [{m: v for m, v in q.items() if m in wanted} for q in queries]
+        searchable = [i for i, q in enumerate(queries) if q]
+        fused = [self._fused_query(queries[i], thresholds, options) for i in searchable]
         hits = self.store.query_batch(self.collection, fused)
-        scores = self._modality_scores(queries, hits)
-        return [
-            [
+        scores = self._modality_scores([queries[i] for i in searchable], hits)
+        out: list[list[Match]] = [[] for _ in queries]
+        for i, query_hits, query_scores in zip(searchable, hits, scores, strict=True):
+            out[i] = [
                 Match(
                     product_id=str(hit.payload.get("product_id", hit.point_id)),
                     score=hit.score,
@@ -191,8 +206,7 @@ class Index:
                 )
                 for hit, per_hit in zip(query_hits, query_scores, strict=True)
             ]
-            for query_hits, query_scores in zip(hits, scores, strict=True)
-        ]
+        return out
 
     def match_products(
         self, product_ids: Sequence[str], options: MatchOptions = MatchOptions()
@@ -217,8 +231,10 @@ class Index:
             out[i] = result
         return out
 
-    def _thresholds(self, overrides: Mapping[str, float] | None) -> dict[str, float]:
-        thresholds = {m: self.settings.thresholds.get(m) for m in MODALITIES}
+    def _thresholds(self, overrides: Mapping[str, float] | None, fusion: str) -> dict[str, float]:
+        """Prefetch thresholds: the formula's floors or the RRF/DBSF thresholds, then overrides."""
+        base = self.settings.formula.floors if fusion == "formula" else self.settings.thresholds
+        thresholds = {m: base.get(m) for m in MODALITIES}
         for name, value in (overrides or {}).items():
             if name not in thresholds:
                 raise ConfigError(f"unknown modality {name!r} in thresholds; known: {MODALITIES}")
@@ -234,8 +250,6 @@ class Index:
             for m in MODALITIES
             if m in vectors
         )
-        if not prefetches:
-            raise ConfigError("the query has no vector to search with")
         spec = options.filter
         if spec is not None and not isinstance(spec, FilterSpec):
             spec = FilterSpec.from_mapping(spec)
@@ -244,8 +258,8 @@ class Index:
             fusion=Fusion(
                 method=options.fusion or settings.fusion,
                 rrf_k=settings.rrf_k,
-                weights={m: settings.formula_weights.get(m) for m in MODALITIES},
-                threshold=settings.formula_threshold,
+                weights={m: settings.formula.weights.get(m) for m in MODALITIES},
+                threshold=settings.formula.threshold,
             ),
             limit=options.k or settings.k,
             filter=spec,

