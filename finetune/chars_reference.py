@@ -1,6 +1,7 @@
 """Build the chars encoder's reference document-frequency table from Shopee `train` titles.
 
-    python finetune/chars_reference.py ../shared/data/shopee/train.csv ../shared/data/shopee/split.csv
+    python finetune/chars_reference.py \
+        ../shared/data/shopee/train.csv ../shared/data/shopee/split.csv
 
 Only `train` rows are read (val and test stay unseen). The table holds hashed n-gram counts, not
 titles, and is written to src/prodsearch/assets/chars_reference_df.npz.

@@ -74,8 +74,11 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
             yield opened
             opened.close()
         return
-    location = {"edge": str(tmp_path / "edge"), "client-memory": ":memory:",
-                "client-path": f"local:{tmp_path / 'local'}"}[kind]
+    location = {
+        "edge": str(tmp_path / "edge"),
+        "client-memory": ":memory:",
+        "client-path": f"local:{tmp_path / 'local'}",
+    }[kind]
     opened = open_store(location)
     yield opened
     opened.close()

@@ -22,8 +22,11 @@ from prodsearch.store import (
 )
 
 MANIFEST = Manifest(
-    vectors={"text": {"dim": 8, "distance": "cosine"}, "chars": {"dim": None, "distance": "dot"},
-             "phash": {"dim": 4, "distance": "dot"}},
+    vectors={
+        "text": {"dim": 8, "distance": "cosine"},
+        "chars": {"dim": None, "distance": "dot"},
+        "phash": {"dim": 4, "distance": "dot"},
+    },
     encoders={"text": {"name": "t", "version": "1", "weights_sha256": "ab", "params": {}}},
 )
 N = 60
@@ -62,19 +65,34 @@ def _queries() -> list[FusedQuery]:
     text = _unit(rng, 8)
     chars = SparseVec(np.array([1, 5, 9, 20, 33], np.int64), np.full(5, 0.5, np.float32))
     phash = np.array([0.5, -0.5, 0.5, 0.5], np.float32)
-    prefetches = (ModalityQuery("text", text, 0.2, 20), ModalityQuery("chars", chars, 0.01, 20),
-                  ModalityQuery("phash", phash, 0.0, 20))
+    prefetches = (
+        ModalityQuery("text", text, 0.2, 20),
+        ModalityQuery("chars", chars, 0.01, 20),
+        ModalityQuery("phash", phash, 0.0, 20),
+    )
     weights = {"text": 1.0, "chars": 2.0, "phash": 0.5}
     return [
         FusedQuery(prefetches, Fusion("rrf", rrf_k=2), limit=10, exact=True),
         FusedQuery(prefetches, Fusion("rrf", rrf_k=60), limit=10, exact=True),
         FusedQuery(prefetches, Fusion("dbsf"), limit=10, exact=True),
-        FusedQuery(prefetches, Fusion("formula", weights=weights, threshold=0.3), limit=10, exact=True),
-        FusedQuery(prefetches[:1], Fusion("rrf"), limit=5, exact=True,
-                   filter=FilterSpec.from_mapping({"category": "a", "price": {"lt": 40}}),
-                   exclude_point_ids=(point_id("p1"),)),
-        FusedQuery(prefetches, Fusion("rrf"), limit=10, exact=True,
-                   filter=FilterSpec.from_mapping({"category": {"not": "a"}})),
+        FusedQuery(
+            prefetches, Fusion("formula", weights=weights, threshold=0.3), limit=10, exact=True
+        ),
+        FusedQuery(
+            prefetches[:1],
+            Fusion("rrf"),
+            limit=5,
+            exact=True,
+            filter=FilterSpec.from_mapping({"category": "a", "price": {"lt": 40}}),
+            exclude_point_ids=(point_id("p1"),),
+        ),
+        FusedQuery(
+            prefetches,
+            Fusion("rrf"),
+            limit=10,
+            exact=True,
+            filter=FilterSpec.from_mapping({"category": {"not": "a"}}),
+        ),
     ]
 
 
@@ -96,8 +114,11 @@ def test_manifest_round_trip_and_encoder_check(filled: Store) -> None:
 def test_upsert_is_idempotent_and_replaces_whole_points(filled: Store) -> None:
     filled.upsert("products", _points())
     assert filled.count("products") == N
-    replacement = PointRecord(point_id("p0"), {"text": np.ones(8, np.float32) / np.sqrt(8)},
-                              {"product_id": "p0", "category": "z"})
+    replacement = PointRecord(
+        point_id("p0"),
+        {"text": np.ones(8, np.float32) / np.sqrt(8)},
+        {"product_id": "p0", "category": "z"},
+    )
     filled.upsert("products", [replacement])
     (stored,) = filled.retrieve("products", [point_id("p0")], with_vectors=True)
     assert stored.payload == {"product_id": "p0", "category": "z"}

@@ -3,7 +3,8 @@
     python ingest/sample/build_sample.py ../shared/data/grocery_store
 
 For each of the 31 packaged products (one branded SKU each): its catalogue ("iconic") image with
-its name as title and the dataset's product description as a payload column, and one in-store photo from the dataset's `train` split as a second,
+its name as title and the dataset's product description as a payload column, and one in-store
+photo from the dataset's `train` split as a second,
 photo-only listing of the same product. Three `test` photos of other packs go to `queries/`:
 they are not in the catalog, and the README matches them against it.
 """
@@ -36,10 +37,18 @@ def main(source: Path) -> None:
         for record, title, kind in ((iconic, name, "catalogue"), (photo, "", "store photo")):
             target = Path("images") / f"{class_name}-{record['id']}.jpg"
             shutil.copyfile(source / record["image"], HERE / target)
-            rows.append({"id": f"gs-{record['id']}", "title": title, "image": str(target),
-                         "description": description if title else "", "product": class_name,
-                         "brand": class_name.split("-")[0], "kind": kind,
-                         "label_group": int(record["label_group"])})
+            rows.append(
+                {
+                    "id": f"gs-{record['id']}",
+                    "title": title,
+                    "image": str(target),
+                    "description": description if title else "",
+                    "product": class_name,
+                    "brand": class_name.split("-")[0],
+                    "kind": kind,
+                    "label_group": int(record["label_group"]),
+                }
+            )
         if class_name in QUERY_CLASSES:
             query = group[group["split"] == "test"].sort_values("id").iloc[0]
             shutil.copyfile(source / query["image"], HERE / "queries" / f"{class_name}.jpg")

@@ -21,7 +21,9 @@ from prodsearch.recipes import Recipe
 
 MAX_TITLE_CHARS = 2_000
 FIRST_DATA_ROW = 2
-RESERVED_PAYLOAD_KEYS = frozenset({"product_id", "title", "image_path", "image_phash", "content_hash"})
+RESERVED_PAYLOAD_KEYS = frozenset(
+    {"product_id", "title", "image_path", "image_phash", "content_hash"}
+)
 
 _BYTE_ESCAPES = re.compile(r"(?:\\x[0-9a-fA-F]{2})+")
 _PHASH = re.compile(r"^[0-9a-fA-F]{16}$")
@@ -183,7 +185,8 @@ def _validate_row(
     title = clean_title(record.get(recipe.title, "")) if recipe.title else ""
     if len(title) > MAX_TITLE_CHARS:
         raise RowError(
-            row, recipe.title or "title",
+            row,
+            recipe.title or "title",
             f"title is {len(title):,} characters, over the limit of {MAX_TITLE_CHARS:,}",
             product_id,
         )
@@ -191,8 +194,10 @@ def _validate_row(
     phash = (record.get(recipe.phash) or "").strip().lower() if recipe.phash else ""
     if phash and not _PHASH.match(phash):
         raise RowError(
-            row, recipe.phash or "image_phash",
-            f"image_phash {phash[:40]!r} is not 16 hexadecimal digits", product_id,
+            row,
+            recipe.phash or "image_phash",
+            f"image_phash {phash[:40]!r} is not 16 hexadecimal digits",
+            product_id,
         )
     if not title and image_path is None:
         raise RowError(row, recipe.title or "title", "empty title and no image", product_id)
@@ -222,7 +227,8 @@ def _resolve_image(
         return None
     if _URL.match(value):
         raise RowError(
-            row, recipe.image,
+            row,
+            recipe.image,
             f"image {value[:80]!r} is a URL; download the images and pass --images-dir",
             product_id,
         )

@@ -23,6 +23,13 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 stderr = Console(stderr=True)
+
+
+def _stdout() -> Console:
+    """A console for results on stdout; wide when piped, so rows are not wrapped mid-title."""
+    return Console() if sys.stdout.isatty() else Console(width=200)
+
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 StoreOption = Annotated[
@@ -58,7 +65,11 @@ def _settings(store: str | None, collection: str | None, **extra: Any) -> Any:
 
     from prodsearch.settings import Settings
 
-    overrides = {k: v for k, v in {"store": store, "collection": collection, **extra}.items() if v is not None}
+    overrides = {
+        k: v
+        for k, v in {"store": store, "collection": collection, **extra}.items()
+        if v is not None
+    }
     try:
         return Settings(**overrides)
     except ValidationError as exc:
@@ -76,16 +87,25 @@ def ingest(
     store: StoreOption = None,
     collection: CollectionOption = None,
     recipe: Annotated[
-        str, typer.Option(help="Column mapping: a built-in name (see `prodsearch recipes`) or a .toml path.")
+        str,
+        typer.Option(
+            help="Column mapping: a built-in name (see `prodsearch recipes`) or a .toml path."
+        ),
     ] = "generic",
     images_dir: Annotated[
-        Path | None, typer.Option(help="Folder image paths are relative to (default: the CSV's folder).")
+        Path | None,
+        typer.Option(help="Folder image paths are relative to (default: the CSV's folder)."),
     ] = None,
-    delimiter: Annotated[str | None, typer.Option(help="CSV delimiter (default: the recipe's).")] = None,
+    delimiter: Annotated[
+        str | None, typer.Option(help="CSV delimiter (default: the recipe's).")
+    ] = None,
     report: Annotated[
-        Path | None, typer.Option(help="Where to write rejected rows (default: CATALOG.rejects.csv).")
+        Path | None,
+        typer.Option(help="Where to write rejected rows (default: CATALOG.rejects.csv)."),
     ] = None,
-    batch_size: Annotated[int | None, typer.Option(min=1, help="Products per upsert batch.")] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(min=1, help="Products per upsert batch.")
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Upsert a catalog's products (named vectors + payload) into a collection; re-runs resume.
@@ -107,8 +127,12 @@ def ingest(
     with Index(settings=settings) as index:
         result = ingest_catalog(index, rows, report_path=report_path, console=stderr)
         total = index.count()
-    summary = {**result.as_dict(), "collection": settings.collection, "store": settings.store,
-               "products_in_collection": total}
+    summary = {
+        **result.as_dict(),
+        "collection": settings.collection,
+        "store": settings.store,
+        "products_in_collection": total,
+    }
     if as_json:
         _print_json(summary)
     else:
@@ -117,7 +141,9 @@ def ingest(
             table.add_row(key, str(value))
         stderr.print(table)
         for rejection in result.rejections[:10]:
-            stderr.print(f"  row {rejection.row} ({rejection.field}): {rejection.reason}", highlight=False)
+            stderr.print(
+                f"  row {rejection.row} ({rejection.field}): {rejection.reason}", highlight=False
+            )
         if result.skipped > 10:
             stderr.print(f"  ... {result.skipped - 10} more in {result.report_path}")
     if result.upserted + result.unchanged == 0:
@@ -134,10 +160,12 @@ def match(
     k: Annotated[int | None, typer.Option(min=1, help="Matches to return.")] = None,
     fusion: Annotated[str | None, typer.Option(help="rrf, dbsf or formula.")] = None,
     threshold: Annotated[
-        list[str] | None, typer.Option(help="Per-modality threshold override, e.g. text=0.8 (repeatable).")
+        list[str] | None,
+        typer.Option(help="Per-modality threshold override, e.g. text=0.8 (repeatable)."),
     ] = None,
     filter_: Annotated[
-        list[str] | None, typer.Option("--filter", help="Payload filter key=value or key!=value (repeatable).")
+        list[str] | None,
+        typer.Option("--filter", help="Payload filter key=value or key!=value (repeatable)."),
     ] = None,
     store: StoreOption = None,
     collection: CollectionOption = None,
@@ -159,13 +187,21 @@ def match(
     settings = _settings(store, collection)
     with Index(settings=settings) as index:
         matches = index.match(
-            title, image, phash=phash, k=k, thresholds=thresholds or None,
+            title,
+            image,
+            phash=phash,
+            k=k,
+            thresholds=thresholds or None,
             fusion=fusion,  # type: ignore[arg-type]
             filter=parse_cli_filters(filter_ or []),
         )
     if as_json:
-        _print_json({"query": {"title": title, "image": str(image) if image else None},
-                     "matches": [m.as_dict() for m in matches]})
+        _print_json(
+            {
+                "query": {"title": title, "image": str(image) if image else None},
+                "matches": [m.as_dict() for m in matches],
+            }
+        )
         return
     table = Table(title=f"{len(matches)} match(es)")
     for column in ("product_id", "score", "matched by", "modality scores", "title"):
@@ -178,24 +214,30 @@ def match(
             " ".join(f"{k}={v:.3f}" for k, v in m.scores.items()),
             str(m.payload.get("title", ""))[:60],
         )
-    Console().print(table)
+    _stdout().print(table)
 
 
 @app.command()
 @_reports_errors
-def info(store: StoreOption = None, collection: CollectionOption = None, as_json: JsonOption = False) -> None:
+def info(
+    store: StoreOption = None, collection: CollectionOption = None, as_json: JsonOption = False
+) -> None:
     """Show a collection's size and the encoders that wrote it."""
     from prodsearch.store import open_store
 
     settings = _settings(store, collection)
     with open_store(settings.store) as opened:
         manifest = opened.manifest(settings.collection)
-        document = {"store": settings.store, "collection": settings.collection,
-                    "products": opened.count(settings.collection), **manifest.as_dict()}
+        document = {
+            "store": settings.store,
+            "collection": settings.collection,
+            "products": opened.count(settings.collection),
+            **manifest.as_dict(),
+        }
     if as_json:
         _print_json(document)
     else:
-        Console().print_json(json.dumps(document, default=str))
+        _stdout().print_json(json.dumps(document, default=str))
 
 
 @app.command()
@@ -212,13 +254,22 @@ def recipes() -> None:
 def evaluate(
     catalog: Annotated[Path, typer.Argument(help="Labelled catalog CSV (e.g. Shopee train.csv).")],
     split_file: Annotated[Path, typer.Option(help="CSV of id,split with val and test rows.")],
-    recipe: Annotated[str, typer.Option(help="Column mapping (see `prodsearch recipes`).")] = "shopee",
-    label_column: Annotated[str, typer.Option(help="Column holding the product group.")] = "label_group",
+    recipe: Annotated[
+        str, typer.Option(help="Column mapping (see `prodsearch recipes`).")
+    ] = "shopee",
+    label_column: Annotated[
+        str, typer.Option(help="Column holding the product group.")
+    ] = "label_group",
     store: Annotated[
-        str | None, typer.Option("--store", help="Where to build the val/test collections (default: a temporary directory).")
+        str | None,
+        typer.Option(
+            "--store",
+            help="Where to build the val/test collections (default: a temporary directory).",
+        ),
     ] = None,
     write_settings: Annotated[
-        Path | None, typer.Option(help="Write the tuned thresholds and fusion to this TOML settings file.")
+        Path | None,
+        typer.Option(help="Write the tuned thresholds and fusion to this TOML settings file."),
     ] = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -230,7 +281,11 @@ def evaluate(
     from prodsearch.evaluate import format_table, run_evaluation
 
     result = run_evaluation(
-        catalog, split_file, recipe=recipe, label_column=label_column, store=store,
+        catalog,
+        split_file,
+        recipe=recipe,
+        label_column=label_column,
+        store=store,
         console=stderr,
     )
     if write_settings:
@@ -239,4 +294,8 @@ def evaluate(
     if as_json:
         _print_json(result.as_dict())
     else:
-        Console().print(format_table(result))
+        _stdout().print(format_table(result))
+
+
+if __name__ == "__main__":
+    app()

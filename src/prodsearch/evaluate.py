@@ -102,11 +102,18 @@ class MethodResult:
     config: dict[str, Any]
     val: Scores
     test: Scores
+    #: val F1 predicted by the tuning simulation (None for the baseline); it should equal val.f1
+    simulated_val_f1: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """Return a JSON-serialisable form."""
-        return {"method": self.method, "config": self.config, "val": self.val.as_dict(),
-                "test": self.test.as_dict()}
+        return {
+            "method": self.method,
+            "config": self.config,
+            "val": self.val.as_dict(),
+            "test": self.test.as_dict(),
+            "simulated_val_f1": self.simulated_val_f1,
+        }
 
 
 @dataclass
@@ -120,8 +127,12 @@ class EvalResult:
 
     def as_dict(self) -> dict[str, Any]:
         """Return a JSON-serialisable form."""
-        return {"sizes": self.sizes, "seconds": round(self.seconds, 1),
-                "methods": [m.as_dict() for m in self.methods], "tuned_settings": self.tuned}
+        return {
+            "sizes": self.sizes,
+            "seconds": round(self.seconds, 1),
+            "methods": [m.as_dict() for m in self.methods],
+            "tuned_settings": self.tuned,
+        }
 
     def write_settings(self, path: Path) -> None:
         """Write the tuned thresholds and fusion as a prodsearch settings TOML file."""
@@ -134,8 +145,14 @@ def format_table(result: EvalResult) -> Table:
     for column in ("method", "val F1", "test P", "test R", "test F1", "config"):
         table.add_column(column)
     for m in result.methods:
-        table.add_row(m.method, f"{m.val.f1:.4f}", f"{m.test.precision:.4f}", f"{m.test.recall:.4f}",
-                      f"{m.test.f1:.4f}", _describe(m.config))
+        table.add_row(
+            m.method,
+            f"{m.val.f1:.4f}",
+            f"{m.test.precision:.4f}",
+            f"{m.test.recall:.4f}",
+            f"{m.test.f1:.4f}",
+            _describe(m.config),
+        )
     return table
 
 
@@ -166,8 +183,10 @@ def run_evaluation(
     encoders = encoders or EncoderSet.default(settings.text_max_tokens)
     base = Index(location, "eval-val", settings, encoders)
     try:
-        data = {name: _prepare_split(base, catalog, splits, name, label_column, console)
-                for name in ("val", "test")}
+        data = {
+            name: _prepare_split(base, catalog, splits, name, label_column, console)
+            for name in ("val", "test")
+        }
         for split in data.values():
             console.print(f"collecting candidates on {split.name} ({len(split.ids):,} products)")
             split.pairs = _candidate_pairs(split)
@@ -177,7 +196,8 @@ def run_evaluation(
         if workdir is not None:
             workdir.cleanup()
     return EvalResult(
-        methods=methods, tuned=tuned,
+        methods=methods,
+        tuned=tuned,
         sizes={name: len(split.ids) for name, split in data.items()},
         seconds=time.perf_counter() - started,
     )
@@ -195,7 +215,11 @@ def _read_splits(split_file: Path) -> dict[str, str]:
 
 
 def _prepare_split(
-    base: Index, catalog: Catalog, splits: dict[str, str], name: str, label_column: str,
+    base: Index,
+    catalog: Catalog,
+    splits: dict[str, str],
+    name: str,
+    label_column: str,
     console: Console,
 ) -> SplitData:
     rows = [r for r in catalog.rows if splits.get(r.product_id) == name]
@@ -209,7 +233,9 @@ def _prepare_split(
     console.print(f"ingesting {name}: {len(rows):,} products")
     ingest_catalog(index, part, console=console)
     return SplitData(
-        name=name, index=index, ids=[r.product_id for r in rows],
+        name=name,
+        index=index,
+        ids=[r.product_id for r in rows],
         labels=np.array([r.payload[label_column] for r in rows]),
         titles=[r.title or "" for r in rows],
     )
@@ -229,7 +255,9 @@ def _candidate_pairs(split: SplitData) -> pd.DataFrame:
     records = []
     for start in range(0, len(split.ids), 256):
         chunk = split.ids[start : start + 256]
-        for pid, matches in zip(chunk, generator.match_products(chunk, MatchOptions(k=limit)), strict=True):
+        for pid, matches in zip(
+            chunk, generator.match_products(chunk, MatchOptions(k=limit)), strict=True
+        ):
             q = position[pid]
             for m in matches:
                 c = position.get(m.product_id)
@@ -237,7 +265,9 @@ def _candidate_pairs(split: SplitData) -> pd.DataFrame:
                     continue
                 records.append((q, c, *(m.scores.get(x, np.nan) for x in MODALITIES)))
     pairs = pd.DataFrame.from_records(records, columns=["query", "candidate", *MODALITIES])
-    pairs["match"] = split.labels[pairs["query"].to_numpy()] == split.labels[pairs["candidate"].to_numpy()]
+    pairs["match"] = (
+        split.labels[pairs["query"].to_numpy()] == split.labels[pairs["candidate"].to_numpy()]
+    )
     return pairs
 
 
@@ -274,7 +304,9 @@ def _tune_single(split: SplitData, modality: str) -> float:
     return float(max(grid, key=lambda t: _simulated_f1(split, _passes(split, modality, t))))
 
 
-def _tune_union(split: SplitData, modalities: list[str], start: dict[str, float]) -> dict[str, float]:
+def _tune_union(
+    split: SplitData, modalities: list[str], start: dict[str, float]
+) -> dict[str, float]:
     """Coordinate ascent over per-modality thresholds of the OR (RRF) fusion."""
     best = dict(start)
     best_f1 = _simulated_f1(split, _union(split, best))
@@ -291,21 +323,28 @@ def _tune_union(split: SplitData, modalities: list[str], start: dict[str, float]
     return best
 
 
+def _formula_total(split: SplitData, weights: dict[str, float]) -> np.ndarray:
+    """The formula's fused score per pair: weighted scores, 0 where a prefetch (floor) missed."""
+    pairs = split.pairs
+    assert pairs is not None
+    total = np.zeros(len(pairs))
+    for modality, weight in weights.items():
+        scores = np.nan_to_num(pairs[modality].to_numpy(), nan=0.0)
+        total += weight * scores * _passes(split, modality, FLOORS[modality])
+    return total
+
+
 def _tune_formula(
     split: SplitData, modalities: list[str]
 ) -> tuple[dict[str, float], float, dict[str, float]]:
     """Grid over weights (the chars weight, or the first modality's, fixed at 1) and the root
     threshold of the weighted-sum formula; prefetch thresholds stay at the floors."""
-    pairs = split.pairs
-    assert pairs is not None
-    present = {m: np.nan_to_num(pairs[m].to_numpy(), nan=0.0) * _passes(split, m, FLOORS[m])
-               for m in modalities}
     best: tuple[float, dict[str, float], float] = (-1.0, {}, 0.0)
     anchor = "chars" if "chars" in modalities else modalities[0]
     others = [m for m in modalities if m != anchor]
     for combo in itertools.product(WEIGHT_GRID, repeat=len(others)):
         weights = {anchor: 1.0, **dict(zip(others, combo, strict=True))}
-        total = sum(w * present[m] for m, w in weights.items())
+        total = _formula_total(split, weights)
         for threshold in np.quantile(total[total > 0], np.linspace(0.5, 0.995, 60)):
             f1 = _simulated_f1(split, total >= threshold)
             if f1 > best[0]:
@@ -336,7 +375,9 @@ def _tfidf_scores(split: SplitData, threshold: float) -> Scores:
     predicted = []
     for q in range(len(split.ids)):
         row = similarity.getrow(q)
-        predicted.append({split.ids[q]} | {split.ids[c] for c in row.indices[row.data >= threshold]})
+        predicted.append(
+            {split.ids[q]} | {split.ids[c] for c in row.indices[row.data >= threshold]}
+        )
     return row_scores(predicted, split.truth)
 
 
@@ -347,32 +388,70 @@ def _tune_and_report(
     modalities = [m for m in MODALITIES if val.pairs[m].notna().any()]  # type: ignore[index]
     results: list[MethodResult] = []
 
-    def report(method: str, config: dict[str, Any], mods: list[str], **changes: Any) -> None:
+    def report(
+        method: str, config: dict[str, Any], mods: list[str], simulated: np.ndarray, **changes: Any
+    ) -> None:
         console.print(f"scoring {method} on val and test in the engine")
-        results.append(MethodResult(method, config, _engine_scores(val, mods, **changes),
-                                    _engine_scores(test, mods, **changes)))
+        results.append(
+            MethodResult(
+                method,
+                config,
+                _engine_scores(val, mods, **changes),
+                _engine_scores(test, mods, **changes),
+                round(_simulated_f1(val, simulated), 4),
+            )
+        )
 
-    tfidf_threshold = max(np.round(np.arange(0.2, 0.9, 0.01), 3), key=lambda t: _tfidf_scores(val, t).f1)
-    results.append(MethodResult("baseline: TF-IDF char 3-5 (sklearn)", {"threshold": float(tfidf_threshold)},
-                                _tfidf_scores(val, tfidf_threshold), _tfidf_scores(test, tfidf_threshold)))
+    tfidf_threshold = max(
+        np.round(np.arange(0.2, 0.9, 0.01), 3), key=lambda t: _tfidf_scores(val, t).f1
+    )
+    results.append(
+        MethodResult(
+            "baseline: TF-IDF char 3-5 (sklearn)",
+            {"threshold": float(tfidf_threshold)},
+            _tfidf_scores(val, tfidf_threshold),
+            _tfidf_scores(test, tfidf_threshold),
+        )
+    )
 
     singles = {m: _tune_single(val, m) for m in modalities}
     for m in modalities:
-        report(f"{m} alone", {"threshold": singles[m]}, [m],
-               thresholds=_thresholds(settings, {m: singles[m]}), fusion="rrf")
+        report(
+            f"{m} alone",
+            {"threshold": singles[m]},
+            [m],
+            _passes(val, m, singles[m]),
+            thresholds=_thresholds(settings, {m: singles[m]}),
+            fusion="rrf",
+        )
 
     union = _tune_union(val, modalities, singles)
-    report("fused: RRF (union of thresholded prefetches)", {**union, "rrf_k": settings.rrf_k}, modalities,
-           thresholds=_thresholds(settings, union), fusion="rrf")
+    report(
+        "fused: RRF (union of thresholded prefetches)",
+        {**union, "rrf_k": settings.rrf_k},
+        modalities,
+        _union(val, union),
+        thresholds=_thresholds(settings, union),
+        fusion="rrf",
+    )
 
     weights, root, floors = _tune_formula(val, modalities)
-    formula = settings.formula.model_copy(update={
-        "weights": settings.formula.weights.model_copy(update=weights),
-        "threshold": root,
-        "floors": settings.formula.floors.model_copy(update=floors),
-    })
-    report("fused: formula (weighted sum of scores)", {"weights": weights, "threshold": root},
-           modalities, fusion="formula", formula=formula)
+    formula_selected = _formula_total(val, weights) >= root
+    formula = settings.formula.model_copy(
+        update={
+            "weights": settings.formula.weights.model_copy(update=weights),
+            "threshold": root,
+            "floors": settings.formula.floors.model_copy(update=floors),
+        }
+    )
+    report(
+        "fused: formula (weighted sum of scores)",
+        {"weights": weights, "threshold": root},
+        modalities,
+        formula_selected,
+        fusion="formula",
+        formula=formula,
+    )
 
     rrf_result, formula_result = results[-2], results[-1]
     tuned = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from pydantic import BaseModel, model_validator
+from pydantic import BaseModel, ConfigDict, model_validator
 
 from prodsearch.errors import ConfigError
 
@@ -14,6 +14,8 @@ Scalar = str | int | float | bool
 
 class Range(BaseModel):
     """A numeric range; unset bounds are open."""
+
+    model_config = ConfigDict(extra="forbid")
 
     gt: float | None = None
     gte: float | None = None

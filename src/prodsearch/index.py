@@ -85,12 +85,16 @@ class Index:
         self.settings = settings or Settings()
         self.collection = collection or self.settings.collection
         self.encoders = encoders or EncoderSet.default(self.settings.text_max_tokens)
-        self.store = open_store(store or self.settings.store) if not isinstance(store, Store) else store
+        self.store = (
+            open_store(store or self.settings.store) if not isinstance(store, Store) else store
+        )
         self._checked = False
 
     def with_settings(self, **changes: Any) -> Index:
         """Return an Index on the same store, collection and encoders with some settings changed."""
-        twin = Index(self.store, self.collection, self.settings.model_copy(update=changes), self.encoders)
+        twin = Index(
+            self.store, self.collection, self.settings.model_copy(update=changes), self.encoders
+        )
         twin._checked = self._checked
         return twin
 
@@ -146,12 +150,18 @@ class Index:
         from prodsearch.catalog import clean_title
 
         title = clean_title(title) if title else None
-        decoded = load_image(image, max_pixels=self.settings.max_image_pixels) if image is not None else None
+        decoded = (
+            load_image(image, max_pixels=self.settings.max_image_pixels)
+            if image is not None
+            else None
+        )
         if decoded is not None and phash is None:
             phash = compute_phash(decoded)
         if not title and decoded is None and not phash:
             raise ConfigError("match needs a title, an image or a phash")
-        return self.encoders.encode([EncoderInput(title=title or None, image=decoded, phash=phash)])[0]
+        return self.encoders.encode(
+            [EncoderInput(title=title or None, image=decoded, phash=phash)]
+        )[0]
 
     # -- matching -----------------------------------------------------------------------------
     def match(
@@ -169,7 +179,8 @@ class Index:
         """Return the catalog products matching a title and/or an image, best first.
 
         `image` is a path, encoded bytes or a PIL image. `thresholds` overrides the per-modality
-        prefetch score thresholds (for the formula: its floors), `fusion` the fusion method ("rrf", "dbsf", "formula"), `filter` is a
+        prefetch score thresholds (for the formula: its floors), `fusion` the fusion method
+        ("rrf", "dbsf", "formula"), `filter` is a
         payload filter (see FilterSpec.from_mapping), `exclude_ids` product ids to leave out.
         Raises ConfigError without any input, ImageError for an unreadable image, and
         CollectionNotFoundError / EncoderMismatchError when the collection does not fit.

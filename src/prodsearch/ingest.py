@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.text import Text
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -29,6 +28,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.text import Text
 
 from prodsearch.catalog import Catalog, CatalogRow, Rejection
 from prodsearch.encoders import EncoderInput
@@ -114,6 +114,13 @@ def ingest_catalog(
         for batch in _batches(catalog.rows, batch_size):
             _ingest_batch(index, batch, report)
             progress.advance(task, len(batch))
+            if not console.is_terminal:  # logs and pipes get one line per batch instead of a bar
+                done = int(progress.tasks[0].completed)
+                rate = done / (time.perf_counter() - started)
+                console.print(
+                    f"ingest: {done}/{len(catalog.rows)} products stored or checked, {rate:,.0f}/s",
+                    highlight=False,
+                )
     index.store.build_index(index.collection)
     report.seconds = time.perf_counter() - started
     if report.rejections and report_path is not None:
@@ -139,6 +146,7 @@ def _progress(console: Console) -> Progress:
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=console,
+        disable=not console.is_terminal,
     )
 
 
@@ -161,7 +169,9 @@ def _ingest_batch(index: Index, rows: Sequence[CatalogRow], report: IngestReport
 
     stored = {
         p.point_id: p.payload.get("content_hash")
-        for p in index.store.retrieve(index.collection, [point_id(p.row.product_id) for p in prepared])
+        for p in index.store.retrieve(
+            index.collection, [point_id(p.row.product_id) for p in prepared]
+        )
     }
     changed = [p for p in prepared if stored.get(point_id(p.row.product_id)) != p.content_hash]
     report.unchanged += len(prepared) - len(changed)
@@ -172,7 +182,9 @@ def _ingest_batch(index: Index, rows: Sequence[CatalogRow], report: IngestReport
         try:
             inputs.append(_encoder_input(item, index.settings.max_image_pixels))
         except ImageError as exc:
-            report.rejections.append(Rejection(item.row.row, item.row.product_id, "image", str(exc)))
+            report.rejections.append(
+                Rejection(item.row.row, item.row.product_id, "image", str(exc))
+            )
             continue
         kept.append(item)
 
@@ -193,7 +205,11 @@ def _encoder_input(item: _Prepared, max_pixels: int) -> EncoderInput:
 
 def _payload(item: _Prepared, phash: str | None) -> dict[str, Any]:
     row = item.row
-    payload: dict[str, Any] = {**row.payload, "product_id": row.product_id, "content_hash": item.content_hash}
+    payload: dict[str, Any] = {
+        **row.payload,
+        "product_id": row.product_id,
+        "content_hash": item.content_hash,
+    }
     if row.title:
         payload["title"] = row.title
     if row.image_path:

@@ -1,4 +1,4 @@
-"""Settings: CLI options > environment (PRODSEARCH_*) > settings file > defaults, validated by pydantic.
+"""Settings: CLI options > environment (PRODSEARCH_*) > settings file > defaults (pydantic).
 
 The default thresholds and fusion knobs are the values `prodsearch eval` tuned on the Shopee `val`
 split (text, chars, phash) and on Grocery Store `val` photos (image); see README, "Results".
@@ -71,7 +71,9 @@ class Settings(BaseSettings):
     fusion: FusionName = "rrf"
     rrf_k: int = Field(2, ge=1)
     formula: FormulaSettings = FormulaSettings()
-    hnsw_ef: int | None = Field(None, ge=1, description="HNSW search breadth; None = engine default.")
+    hnsw_ef: int | None = Field(
+        None, ge=1, description="HNSW search breadth; None = engine default."
+    )
     text_max_tokens: int = Field(64, ge=8, le=512)
     batch_size: int = Field(256, ge=1, le=10_000)
     max_image_pixels: int = Field(40_000_000, ge=1)

@@ -44,8 +44,12 @@ class EncoderSet:
         return cls(
             {
                 e.modality: e
-                for e in (TextEncoder(max_tokens=text_max_tokens), CharsEncoder(), ImageEncoder(),
-                          PhashEncoder())
+                for e in (
+                    TextEncoder(max_tokens=text_max_tokens),
+                    CharsEncoder(),
+                    ImageEncoder(),
+                    PhashEncoder(),
+                )
             }
         )
 

@@ -71,7 +71,7 @@ class Encoder(ABC):
 
     @abstractmethod
     def identity(self) -> EncoderIdentity:
-        """Return the identity recorded in collections this encoder writes (cheap: no model load)."""
+        """Return the identity recorded in collections it writes (cheap: no model load)."""
 
     @abstractmethod
     def encode(self, items: Sequence[EncoderInput]) -> list[Vector | None]:

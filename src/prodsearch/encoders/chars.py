@@ -88,7 +88,11 @@ class CharsEncoder(Encoder):
             name="char-ngram-tfidf",
             version="1",
             weights_sha256=file_sha256(self.reference),
-            params={"analyzer": "char_wb", "ngram_range": list(NGRAM_RANGE), "n_features": N_FEATURES},
+            params={
+                "analyzer": "char_wb",
+                "ngram_range": list(NGRAM_RANGE),
+                "n_features": N_FEATURES,
+            },
         )
 
     @cached_property

@@ -16,7 +16,6 @@ from prodsearch.encoders.base import (
     EncoderIdentity,
     EncoderInput,
     Vector,
-    indices_of,
     scatter,
 )
 
@@ -49,7 +48,9 @@ class PhashEncoder(Encoder):
     def identity(self) -> EncoderIdentity:
         """Return the hash scheme (no weights: the hash is a fixed algorithm)."""
         return EncoderIdentity(
-            name="phash", version="imagehash-dct-8x8", weights_sha256="",
+            name="phash",
+            version="imagehash-dct-8x8",
+            weights_sha256="",
             params={"bits": BITS, "value": 0.125},
         )
 

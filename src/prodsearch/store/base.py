@@ -62,7 +62,8 @@ class Manifest:
             recorded, now = self.encoders.get(name), current.get(name)
             if recorded != now:
                 raise EncoderMismatchError(
-                    f"collection {collection!r} was written by {name} encoder {_describe(recorded)}, "
+                    f"collection {collection!r} was written by {name} encoder "
+                    f"{_describe(recorded)}, "
                     f"but this process would query with {_describe(now)}. Queries would return "
                     "garbage: use the encoders that wrote it, or re-ingest into a new collection."
                 )
@@ -72,7 +73,9 @@ def _describe(identity: dict[str, Any] | None) -> str:
     if identity is None:
         return "<none>"
     digest = identity.get("weights_sha256", "")[:12]
-    return f"{identity['name']} {identity['version']} (weights {digest or '-'}, {identity['params']})"
+    return (
+        f"{identity['name']} {identity['version']} (weights {digest or '-'}, {identity['params']})"
+    )
 
 
 @dataclass(frozen=True)
@@ -197,7 +200,7 @@ class Store(ABC):
 
     @abstractmethod
     def score_batch(self, name: str, requests: Sequence[ScoreRequest]) -> list[dict[str, float]]:
-        """Return, per request, the engine's exact score of each listed point that has the vector."""
+        """Return, per request, the engine's exact score of each listed point with the vector."""
 
     @abstractmethod
     def close(self) -> None:

@@ -47,7 +47,9 @@ def to_client_vector(vector: Vector) -> Any:
 def from_client_vector(vector: Any) -> Vector:
     """Convert a qdrant-client vector back into a project vector."""
     if isinstance(vector, models.SparseVector):
-        return SparseVec(np.asarray(vector.indices, np.int64), np.asarray(vector.values, np.float32))
+        return SparseVec(
+            np.asarray(vector.indices, np.int64), np.asarray(vector.values, np.float32)
+        )
     return np.asarray(vector, dtype=np.float32)
 
 
@@ -147,7 +149,10 @@ class ClientStore(Store):
         _engine_call(
             "create collection",
             lambda: self.client.create_collection(
-                name, vectors_config=dense, sparse_vectors_config=sparse, metadata=manifest.as_dict()
+                name,
+                vectors_config=dense,
+                sparse_vectors_config=sparse,
+                metadata=manifest.as_dict(),
             ),
         )
         _engine_call(
@@ -166,7 +171,9 @@ class ClientStore(Store):
         info = _engine_call("get collection", lambda: self.client.get_collection(name))
         metadata = info.config.metadata or {}
         if "encoders" not in metadata:
-            raise StoreError(f"collection {name!r} at {self.location} was not created by prodsearch")
+            raise StoreError(
+                f"collection {name!r} at {self.location} was not created by prodsearch"
+            )
         return Manifest.from_dict(metadata)
 
     def upsert(self, name: str, points: Sequence[PointRecord]) -> None:

@@ -57,7 +57,9 @@ def to_edge_vector(vector: Vector) -> Any:
 def from_edge_vector(vector: Any) -> Vector:
     """Convert an Edge vector back into a project vector."""
     if isinstance(vector, qe.SparseVector):
-        return SparseVec(np.asarray(vector.indices, np.int64), np.asarray(vector.values, np.float32))
+        return SparseVec(
+            np.asarray(vector.indices, np.int64), np.asarray(vector.values, np.float32)
+        )
     return np.asarray(vector, dtype=np.float32)
 
 
@@ -90,7 +92,10 @@ def _fusion_query(fusion: Fusion, modalities: Sequence[str]) -> Any:
         return qe.Fusion.Dbsf()
     terms = [
         qe.Expression.Mult(
-            [qe.Expression.Constant(fusion.weights.get(m, 1.0)), qe.Expression.Variable(f"$score[{i}]")]
+            [
+                qe.Expression.Constant(fusion.weights.get(m, 1.0)),
+                qe.Expression.Variable(f"$score[{i}]"),
+            ]
         )
         for i, m in enumerate(modalities)
     ]
@@ -177,7 +182,9 @@ class EdgeStore(Store):
             _engine_call(
                 "create payload index",
                 lambda: shard.update(
-                    qe.UpdateOperation.create_field_index("product_id", qe.PayloadSchemaType.Keyword)
+                    qe.UpdateOperation.create_field_index(
+                        "product_id", qe.PayloadSchemaType.Keyword
+                    )
                 ),
             )
         self._shards[name] = shard

@@ -1,0 +1,116 @@
+"""The command line, run as a user runs it: real subprocesses, exit codes, JSON on stdout."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import REPO, SAMPLE
+
+
+def run(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "prodsearch.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+        timeout=600,
+    )
+
+
+def test_help_does_not_load_models() -> None:
+    code = (
+        "import sys, prodsearch.cli, prodsearch; prodsearch.Index; "
+        "print('torch' in sys.modules, 'qdrant_edge' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.split() == ["False", "False"]
+    assert "ingest" in run("--help").stdout
+
+
+def test_ingest_match_info_on_the_sample_catalog(tmp_path: Path) -> None:
+    store = str(tmp_path / "store")
+    ingested = run("ingest", str(SAMPLE / "catalog.csv"), "--store", store, "--json")
+    assert ingested.returncode == 0, ingested.stderr
+    summary = json.loads(ingested.stdout)
+    assert summary["upserted"] == 62 and summary["skipped"] == 0
+    assert summary["products_in_collection"] == 62
+    matched = run("match", "--store", store, "--title", "tropicanna aple juice", "--json")
+    assert matched.returncode == 0, matched.stderr
+    document = json.loads(matched.stdout)
+    assert document["matches"][0]["payload"]["product"] == "Tropicana-Apple-Juice"
+    assert "text" in document["matches"][0]["matched_by"]
+    photo = str(SAMPLE / "queries" / "Arla-Standard-Milk.jpg")
+    by_image = run(
+        "match",
+        "--store",
+        store,
+        "--image",
+        photo,
+        "--threshold",
+        "image=0.5",
+        "--filter",
+        "kind=store photo",
+        "--json",
+    )
+    matches = json.loads(by_image.stdout)["matches"]
+    assert matches and all(m["payload"]["kind"] == "store photo" for m in matches)
+    info = json.loads(run("info", "--store", store, "--json").stdout)
+    assert info["products"] == 62 and set(info["encoders"]) == {"text", "chars", "image", "phash"}
+
+
+def test_exit_codes_and_error_messages(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.csv"
+    bad.write_text("id,title\n,no id\nx,\n")
+    result = run("ingest", str(bad), "--store", str(tmp_path / "s"))
+    assert result.returncode == 1
+    assert "no product could be ingested" in result.stderr
+    rejects = (tmp_path / "bad.rejects.csv").read_text()
+    assert "2,,id,missing product id" in rejects and "3,x,title,empty title and no image" in rejects
+
+    partly = tmp_path / "partly.csv"
+    partly.write_text("id,title\na,Kopi susu 1L\na,Duplicate\n")
+    result = run("ingest", str(partly), "--store", str(tmp_path / "s"), "--json")
+    assert result.returncode == 0 and json.loads(result.stdout)["skipped"] == 1
+
+    missing = run("match", "--store", str(tmp_path / "empty"), "--title", "x")
+    assert (
+        missing.returncode == 1
+        and "not found" in missing.stderr
+        and "Traceback" not in missing.stderr
+    )
+    no_input = run("match", "--store", str(tmp_path / "s"))
+    assert no_input.returncode == 1 and "needs a title" in no_input.stderr
+    unknown = run("ingest", str(partly), "--recipe", "nope", "--store", str(tmp_path / "s"))
+    assert unknown.returncode == 1 and "built-in recipes" in unknown.stderr
+
+
+def test_recipes_are_listed() -> None:
+    out = run("recipes").stdout
+    assert "shopee" in out and "generic" in out
+
+
+@pytest.mark.slow
+def test_readme_demo_command_runs(tmp_path: Path) -> None:
+    """The README's first command, as a user runs it (set-up is already done by then)."""
+    result = subprocess.run(
+        ["scripts/demo.sh"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "PRODSEARCH_STORE": str(tmp_path / "demo-store")},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Tropicana Apple Juice" in result.stdout
+    assert '"matches"' in result.stdout

@@ -1,0 +1,57 @@
+"""Evaluation: the metric, and a real tune-on-val / report-on-test run on a Shopee slice."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from prodsearch.evaluate import row_scores, run_evaluation
+from prodsearch.settings import SETTINGS_FILE_ENV, Settings
+
+from .conftest import needs_shopee, shopee_groups
+
+
+def test_row_scores_is_the_mean_per_row_f1() -> None:
+    predicted = [{"a", "b"}, {"b"}, {"c", "a"}]
+    truth = [{"a", "b"}, {"a", "b"}, {"c"}]
+    scores = row_scores(predicted, truth)
+    assert scores.precision == pytest.approx((1 + 1 + 0.5) / 3)
+    assert scores.recall == pytest.approx((1 + 0.5 + 1) / 3)
+    assert scores.f1 == pytest.approx((1 + 2 / 3 + 2 / 3) / 3)
+
+
+@needs_shopee
+@pytest.mark.slow
+def test_evaluation_tunes_on_val_and_reports_test(tmp_path: Path, encoders, monkeypatch) -> None:
+    val, test = shopee_groups(150, "val", seed=1), shopee_groups(150, "test", seed=1)
+    catalog = tmp_path / "catalog.csv"
+    pd.concat([val, test]).to_csv(catalog, index=False)
+    split = tmp_path / "split.csv"
+    pd.DataFrame(
+        {
+            "posting_id": list(val["posting_id"]) + list(test["posting_id"]),
+            "split": ["val"] * len(val) + ["test"] * len(test),
+        }
+    ).to_csv(split, index=False)
+
+    result = run_evaluation(catalog, split, store=str(tmp_path / "store"), encoders=encoders)
+    methods = {m.method.split(":")[0].split(" (")[0]: m for m in result.methods}
+    assert set(methods) >= {"baseline", "text alone", "chars alone", "phash alone", "fused"}
+    assert result.sizes == {"val": len(val), "test": len(test)}
+    for m in result.methods:
+        assert 0 < m.test.f1 <= 1 and 0 < m.val.f1 <= 1
+        if m.simulated_val_f1 is not None:  # the tuning simulation reproduces the engine
+            assert m.simulated_val_f1 == pytest.approx(m.val.f1, abs=0.01), m.method
+    fused = [m for m in result.methods if m.method.startswith("fused")]
+    singles = [m for m in result.methods if m.method.endswith("alone")]
+    assert max(f.val.f1 for f in fused) >= max(s.val.f1 for s in singles) - 0.005
+
+    settings_file = tmp_path / "prodsearch.toml"
+    result.write_settings(settings_file)
+    monkeypatch.setenv(SETTINGS_FILE_ENV, str(settings_file))
+    loaded = Settings()
+    assert loaded.fusion == result.tuned["fusion"]
+    assert loaded.thresholds.chars == pytest.approx(result.tuned["thresholds"]["chars"])
+    assert loaded.formula.threshold == pytest.approx(result.tuned["formula"]["threshold"])

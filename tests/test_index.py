@@ -1,0 +1,117 @@
+"""Index and match(): one fused request, per-modality scores, encoder checks, both backends."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from prodsearch.catalog import read_catalog
+from prodsearch.encoders import EncoderSet, TextEncoder
+from prodsearch.errors import CollectionNotFoundError, ConfigError, EncoderMismatchError
+from prodsearch.index import Index, MatchOptions
+from prodsearch.ingest import ingest_catalog
+from prodsearch.recipes import load_recipe
+from prodsearch.settings import Settings
+
+from .conftest import SAMPLE, needs_shopee
+
+
+def _index(
+    location: str, encoders: EncoderSet, csv: Path, recipe: str, collection="products"
+) -> Index:
+    index = Index(location, collection, Settings(), encoders)
+    ingest_catalog(index, read_catalog(csv, load_recipe(recipe)))
+    return index
+
+
+@pytest.fixture(params=["edge", "client-memory"])
+def location(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    return str(tmp_path / "store") if request.param == "edge" else ":memory:"
+
+
+@needs_shopee
+def test_title_match_finds_itself_and_its_group(location, encoders, shopee_csv) -> None:
+    frame = pd.read_csv(shopee_csv)
+    with _index(location, encoders, shopee_csv, "shopee") as index:
+        found_group = 0
+        for _, row in frame.head(20).iterrows():
+            matches = index.match(row["title"], phash=row["image_phash"], k=10)
+            assert matches[0].product_id == row["posting_id"]
+            assert set(matches[0].scores) == {"text", "chars", "phash"}
+            assert matches[0].matched_by == ("text", "chars", "phash")
+            group = set(frame.loc[frame["label_group"] == row["label_group"], "posting_id"])
+            found_group += len(group & {m.product_id for m in matches}) > 1
+            for m in matches:
+                assert set(m.matched_by) <= set(m.scores)
+                assert m.payload["product_id"] == m.product_id
+        assert found_group >= 12, "most queries should find another member of their group"
+
+
+@needs_shopee
+def test_fusions_thresholds_and_filters(location, encoders, shopee_csv) -> None:
+    frame = pd.read_csv(shopee_csv)
+    title, label = frame.loc[0, "title"], int(frame.loc[0, "label_group"])
+    with _index(location, encoders, shopee_csv, "shopee") as index:
+        for fusion in ("rrf", "dbsf", "formula"):
+            assert index.match(title, fusion=fusion)[0].product_id == frame.loc[0, "posting_id"]
+        strict = index.match(title, thresholds={"text": 0.99, "chars": 0.99})
+        loose = index.match(title, thresholds={"text": 0.3, "chars": 0.05}, k=50)
+        assert len(strict) < len(loose)
+        for m in index.match(
+            title, thresholds={"text": 0.3, "chars": 0.05}, filter={"label_group": label}
+        ):
+            assert m.payload["label_group"] == label
+        others = index.match(title, exclude_ids=[frame.loc[0, "posting_id"]])
+        assert frame.loc[0, "posting_id"] not in {m.product_id for m in others}
+        with pytest.raises(ConfigError):
+            index.match()
+        with pytest.raises(ConfigError, match="unknown modality"):
+            index.match(title, thresholds={"colour": 0.5})
+
+
+def test_image_and_title_queries_on_the_sample_catalog(location, encoders) -> None:
+    with _index(location, encoders, SAMPLE / "catalog.csv", "generic") as index:
+        photo = SAMPLE / "queries" / "Oatly-Oat-Milk.jpg"
+        image_only = index.match(image=photo, thresholds={"image": 0.0}, k=5)
+        assert image_only and all(set(m.scores) <= {"image", "phash"} for m in image_only)
+        assert "image" in image_only[0].scores
+        both = index.match("Oatly oat milk", image=photo.read_bytes(), k=5)
+        top = next(m for m in both if m.payload["product"] == "Oatly-Oat-Milk")
+        assert "text" in top.matched_by and {"text", "chars", "image"} <= set(top.scores)
+
+
+@needs_shopee
+def test_encoder_mismatch_is_refused(tmp_path, encoders, shopee_csv) -> None:
+    location = str(tmp_path / "store")
+    _index(location, encoders, shopee_csv, "shopee").close()
+    other = EncoderSet({**encoders.encoders, "text": TextEncoder(max_tokens=32)})
+    with (
+        Index(location, "products", Settings(), other) as index,
+        pytest.raises(EncoderMismatchError, match="max_tokens"),
+    ):
+        index.match("anything")
+
+
+def test_missing_collection_is_refused(tmp_path, encoders) -> None:
+    with (
+        Index(str(tmp_path / "s"), "nothing", Settings(), encoders) as index,
+        pytest.raises(CollectionNotFoundError, match="prodsearch ingest"),
+    ):
+        index.match("anything")
+
+
+@needs_shopee
+def test_both_backends_return_the_same_matches(tmp_path, encoders, shopee_csv) -> None:
+    ids = pd.read_csv(shopee_csv)["posting_id"].tolist()
+    results = []
+    for location in (str(tmp_path / "edge"), ":memory:"):
+        with _index(location, encoders, shopee_csv, "shopee") as index:
+            results.append(index.match_products(ids, MatchOptions(k=20)))
+    for edge, client in zip(*results, strict=True):
+        assert {m.product_id for m in edge} == {m.product_id for m in client}
+        edge_scores = {m.product_id: m.scores for m in edge}
+        for m in client:
+            for modality, score in m.scores.items():
+                assert edge_scores[m.product_id][modality] == pytest.approx(score, abs=1e-4)

@@ -1,0 +1,123 @@
+"""Ingest: idempotent, resumable after a kill, bad rows reported without losing what is stored."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from prodsearch.catalog import read_catalog
+from prodsearch.index import Index
+from prodsearch.ingest import ingest_catalog
+from prodsearch.recipes import load_recipe
+from prodsearch.settings import Settings
+from prodsearch.store import point_id
+
+from .conftest import needs_shopee, shopee_groups
+
+GENERIC = load_recipe("generic")
+
+
+def _all_product_ids(index: Index) -> list[str]:
+    ids, offset = [], None
+    while True:
+        page, offset = index.store.scroll(index.collection, offset, 500)
+        ids += [p.payload["product_id"] for p in page]
+        if offset is None:
+            return ids
+
+
+@needs_shopee
+def test_reingest_is_idempotent_and_updates_changed_rows(tmp_path, encoders, shopee_csv) -> None:
+    recipe = load_recipe("shopee")
+    with Index(str(tmp_path / "s"), "p", Settings(), encoders) as index:
+        first = ingest_catalog(index, read_catalog(shopee_csv, recipe))
+        n = first.upserted
+        assert n == index.count() and first.unchanged == 0
+        again = ingest_catalog(index, read_catalog(shopee_csv, recipe))
+        assert (again.upserted, again.unchanged) == (0, n)
+        frame = pd.read_csv(shopee_csv)
+        frame.loc[0, "title"] = "A completely new title"
+        frame.to_csv(shopee_csv, index=False)
+        changed = ingest_catalog(index, read_catalog(shopee_csv, recipe))
+        assert (changed.upserted, changed.unchanged) == (1, n - 1)
+        assert index.get(frame.loc[0, "posting_id"])["title"] == "A completely new title"
+        assert sorted(_all_product_ids(index)) == sorted(frame["posting_id"])
+
+
+def test_bad_images_are_reported_and_nothing_stored_is_lost(tmp_path, encoders) -> None:
+    for name, colour in (("a.jpg", "red"), ("b.jpg", "green")):
+        Image.new("RGB", (64, 64), colour).save(tmp_path / name)
+    (tmp_path / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (tmp_path / "text.jpg").write_text("hello")
+    good = tmp_path / "good.csv"
+    good.write_text("id,title,image\np1,Red box,a.jpg\np2,Green box,b.jpg\n")
+    bad = tmp_path / "bad.csv"
+    bad.write_text("id,title,image\np3,Broken,corrupt.jpg\np4,Text file,text.jpg\np5,Fine,b.jpg\n")
+    report = tmp_path / "rejects.csv"
+    with Index(str(tmp_path / "s"), "p", Settings(), encoders) as index:
+        ingest_catalog(index, read_catalog(good, GENERIC))
+        result = ingest_catalog(index, read_catalog(bad, GENERIC), report_path=report)
+        assert result.upserted == 1 and result.skipped == 2
+        assert sorted(_all_product_ids(index)) == ["p1", "p2", "p5"]
+    rejected = pd.read_csv(report)
+    assert rejected["row"].tolist() == [2, 3]
+    assert rejected["product_id"].tolist() == ["p3", "p4"]
+    assert all(rejected["field"] == "image")
+    assert "corrupt" in rejected["reason"][0] and "not a recognised image" in rejected["reason"][1]
+
+
+def _cli(*args: str, env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "prodsearch.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+@needs_shopee
+@pytest.mark.slow
+def test_resume_after_a_killed_ingest(tmp_path) -> None:
+    """A real ingest process killed with SIGKILL mid-run, then re-run: every product once."""
+    catalog = tmp_path / "catalog.csv"
+    frame = shopee_groups(400, split="val")
+    frame.to_csv(catalog, index=False)
+    store = tmp_path / "store"
+    env = {**os.environ, "PRODSEARCH_BATCH_SIZE": "32"}
+    args = ("ingest", str(catalog), "--recipe", "shopee", "--store", str(store), "--json")
+    process = _cli(*args, env=env)
+    deadline = time.monotonic() + 240
+    for line in process.stderr:  # type: ignore[union-attr]
+        if line.startswith("ingest: ") and int(line.split()[1].split("/")[0]) >= 96:
+            break
+        assert time.monotonic() < deadline, "ingest made no progress"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+
+    rerun = _cli(*args, env=env)
+    out, err = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, err
+    summary = json.loads(out)
+    assert summary["unchanged"] >= 96, (
+        "the re-run resumed: products stored before the kill were kept"
+    )
+    assert summary["upserted"] + summary["unchanged"] == len(frame)
+    assert summary["products_in_collection"] == len(frame)
+    with Index(str(store), "products") as index:
+        ids = _all_product_ids(index)
+        assert len(ids) == len(set(ids)) == len(frame)
+        assert set(ids) == set(frame["posting_id"])
+        stored = index.store.retrieve(
+            "products", [point_id(p) for p in frame["posting_id"][:50]], True
+        )
+        assert all({"text", "chars", "phash"} <= set(p.vectors) for p in stored)

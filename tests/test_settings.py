@@ -1,0 +1,31 @@
+"""Settings: defaults, a TOML file and the environment, in that order of precedence."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from prodsearch.settings import SETTINGS_FILE_ENV, Settings
+
+
+def test_environment_overrides_file_overrides_defaults(tmp_path, monkeypatch) -> None:
+    default = Settings()
+    path = tmp_path / "s.toml"
+    path.write_text(
+        'fusion = "dbsf"\nk = 7\n[thresholds]\ntext = 0.9\nchars = 0.4\nimage = 0.7\nphash = 0.8\n'
+    )
+    monkeypatch.setenv(SETTINGS_FILE_ENV, str(path))
+    from_file = Settings()
+    assert (from_file.fusion, from_file.k, from_file.thresholds.text) == ("dbsf", 7, 0.9)
+    monkeypatch.setenv("PRODSEARCH_K", "3")
+    monkeypatch.setenv("PRODSEARCH_FORMULA__THRESHOLD", "0.5")
+    from_env = Settings()
+    assert from_env.k == 3 and from_env.formula.threshold == 0.5
+    assert Settings(k=12).k == 12
+    assert default.fusion == "rrf"
+
+
+def test_invalid_settings_are_rejected(monkeypatch) -> None:
+    monkeypatch.setenv("PRODSEARCH_FUSION", "average")
+    with pytest.raises(ValidationError):
+        Settings()
