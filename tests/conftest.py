@@ -13,7 +13,17 @@ from prodsearch.encoders import EncoderSet
 from prodsearch.store import Store, open_store
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("PRODSEARCH_DATA_DIR", REPO.parent / "shared" / "data"))
+# The shared data sits beside the checkout; PRODSEARCH_DATA_DIR points elsewhere.
+_DATA_CANDIDATES = [
+    Path(p)
+    for p in (
+        os.environ.get("PRODSEARCH_DATA_DIR"),
+        REPO.parent / "shared" / "data",
+        "/work/shared/data",
+    )
+    if p
+]
+DATA = next((p for p in _DATA_CANDIDATES if p.is_dir()), _DATA_CANDIDATES[0])
 SHOPEE = DATA / "shopee" / "train.csv"
 SPLIT = DATA / "shopee" / "split.csv"
 SAMPLE = REPO / "ingest" / "sample"
