@@ -1,6 +1,6 @@
 """Build the chars encoder's reference document-frequency table from Shopee `train` titles.
 
-    python finetune/chars_reference.py \
+    python -m finetune.chars_reference \
         ../shared/data/shopee/train.csv ../shared/data/shopee/split.csv
 
 Only `train` rows are read (val and test stay unseen). The table holds hashed n-gram counts, not

@@ -249,6 +249,12 @@ def recipes() -> None:
         typer.echo(f"{name:16} {load_recipe(name).description}")
 
 
+EncodersOption = Annotated[
+    str | None,
+    typer.Option(help="finetuned (the shipped ArcFace encoders, default) or pretrained."),
+]
+
+
 @app.command(name="eval")
 @_reports_errors
 def evaluate(
@@ -267,6 +273,7 @@ def evaluate(
             help="Where to build the val/test collections (default: a temporary directory).",
         ),
     ] = None,
+    encoders: EncodersOption = None,
     write_settings: Annotated[
         Path | None,
         typer.Option(help="Write the tuned thresholds and fusion to this TOML settings file."),
@@ -280,12 +287,14 @@ def evaluate(
     """
     from prodsearch.evaluate import format_table, run_evaluation
 
+    settings = _settings(None, None, encoders=encoders)
     result = run_evaluation(
         catalog,
         split_file,
         recipe=recipe,
         label_column=label_column,
         store=store,
+        settings=settings,
         console=stderr,
     )
     if write_settings:
@@ -295,6 +304,38 @@ def evaluate(
         _print_json(result.as_dict())
     else:
         _stdout().print(format_table(result))
+
+
+@app.command(name="eval-images")
+@_reports_errors
+def evaluate_images(
+    grocery_dir: Annotated[
+        Path, typer.Argument(help="The grocery_store folder (images.csv + images/).")
+    ],
+    encoders: EncodersOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Image-modality quality on Grocery Store test photos: top-1 accuracy of the nearest
+    catalogue image and mAP@R among test photos, for Packages and for all 81 groups."""
+    from prodsearch.encoders import EncoderSet
+    from prodsearch.evaluate import grocery_image_metrics
+
+    settings = _settings(None, None, encoders=encoders)
+    metrics = grocery_image_metrics(grocery_dir, EncoderSet.from_settings(settings.encoders))
+    if as_json:
+        _print_json({"encoders": settings.encoders, **metrics})
+        return
+    table = Table(title=f"grocery_store test photos, {settings.encoders} image encoder")
+    for column in ("subset", "test photos", "mAP@R", "top-1 to catalogue"):
+        table.add_column(column)
+    for name, values in metrics.items():
+        table.add_row(
+            name,
+            str(values["test_photos"]),
+            f"{values['map_at_r']:.4f}",
+            f"{values['top1_to_catalogue']:.4f}",
+        )
+    _stdout().print(table)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ Every figure reported afterwards, on val and on test, comes from real fused quer
 
 from __future__ import annotations
 
-import itertools
 import tempfile
 import time
 from collections.abc import Sequence
@@ -38,12 +37,13 @@ from prodsearch.recipes import load_recipe
 from prodsearch.settings import MODALITIES, Settings
 
 #: candidate-generation floors: well below any useful threshold
-FLOORS = {"text": 0.5, "chars": 0.15, "image": 0.3, "phash": 0.5}
+FLOORS = {"text": 0.5, "chars": 0.15, "charcnn": 0.5, "image": 0.3, "phash": 0.5}
 #: a threshold no score reaches: the modality is off
 OFF = 9.0
 THRESHOLD_GRID = {
     "text": np.round(np.arange(0.60, 0.981, 0.01), 3),
     "chars": np.round(np.arange(0.20, 0.901, 0.01), 3),
+    "charcnn": np.round(np.arange(0.50, 0.981, 0.01), 3),
     "image": np.round(np.arange(0.40, 0.981, 0.01), 3),
     "phash": np.round(1.0 - np.arange(0, 17) / 32.0, 5),  # Hamming 0..16
 }
@@ -73,6 +73,61 @@ def row_scores(predicted: Sequence[set[str]], truth: Sequence[set[str]]) -> Scor
         recall=float(np.mean(tp / n_true)),
         f1=float(np.mean(2 * tp / (n_pred + n_true))),
     )
+
+
+def map_at_r(embeddings: np.ndarray, labels: np.ndarray) -> float:
+    """Mean average precision at R (Musgrave et al. 2020): for each item, R = the number of
+    other items of its class; precision is averaged over the relevant items in its top R."""
+    similarity = embeddings @ embeddings.T
+    np.fill_diagonal(similarity, -np.inf)
+    order = np.argsort(-similarity, axis=1)
+    scores = []
+    for i in range(len(labels)):
+        r = int(np.sum(labels == labels[i])) - 1
+        if r == 0:
+            continue
+        relevant = labels[order[i, :r]] == labels[i]
+        precision_at = np.cumsum(relevant) / np.arange(1, r + 1)
+        scores.append(float(np.sum(precision_at * relevant) / r))
+    return float(np.mean(scores))
+
+
+def top1_accuracy(
+    queries: np.ndarray,
+    query_labels: np.ndarray,
+    catalogue: np.ndarray,
+    catalogue_labels: np.ndarray,
+) -> float:
+    """Fraction of queries whose nearest catalogue item has their label."""
+    nearest = np.argmax(queries @ catalogue.T, axis=1)
+    return float(np.mean(catalogue_labels[nearest] == query_labels))
+
+
+def grocery_image_metrics(grocery_dir: Path, encoders: EncoderSet) -> dict[str, dict[str, float]]:
+    """Image-modality quality on Grocery Store `test` photos: top-1 accuracy of the nearest
+    catalogue (iconic) image and mAP@R among the test photos, for Packages and all 81 groups."""
+    from prodsearch.images import load_image
+
+    frame = pd.read_csv(grocery_dir / "images.csv")
+    frame = frame[frame["split"].isin(["test", "iconic"])].reset_index(drop=True)
+    images = [load_image(grocery_dir / path) for path in frame["image"]]
+    embeddings = encoders["image"].encode_images(images)  # type: ignore[attr-defined]
+    out = {}
+    for name, subset in (
+        ("Packages", frame["category"] == "Packages"),
+        ("all 81 groups", frame.index >= 0),
+    ):
+        test = (subset & (frame["split"] == "test")).to_numpy()
+        iconic = (subset & (frame["split"] == "iconic")).to_numpy()
+        labels = frame["label_group"].to_numpy()
+        out[name] = {
+            "test_photos": int(test.sum()),
+            "map_at_r": round(map_at_r(embeddings[test], labels[test]), 4),
+            "top1_to_catalogue": round(
+                top1_accuracy(embeddings[test], labels[test], embeddings[iconic], labels[iconic]), 4
+            ),
+        }
+    return out
 
 
 @dataclass
@@ -180,7 +235,7 @@ def run_evaluation(
     splits = _read_splits(split_file)
     workdir = None if store else tempfile.TemporaryDirectory(prefix="prodsearch-eval-")
     location = store or workdir.name  # type: ignore[union-attr]
-    encoders = encoders or EncoderSet.default(settings.text_max_tokens)
+    encoders = encoders or EncoderSet.from_settings(settings.encoders, settings.text_max_tokens)
     base = Index(location, "eval-val", settings, encoders)
     try:
         data = {
@@ -337,19 +392,27 @@ def _formula_total(split: SplitData, weights: dict[str, float]) -> np.ndarray:
 def _tune_formula(
     split: SplitData, modalities: list[str]
 ) -> tuple[dict[str, float], float, dict[str, float]]:
-    """Grid over weights (the chars weight, or the first modality's, fixed at 1) and the root
-    threshold of the weighted-sum formula; prefetch thresholds stay at the floors."""
-    best: tuple[float, dict[str, float], float] = (-1.0, {}, 0.0)
+    """Coordinate ascent over the weights (chars', or the first modality's, fixed at 1) and a
+    search over the root threshold of the weighted-sum formula; prefetches keep the floors."""
     anchor = "chars" if "chars" in modalities else modalities[0]
-    others = [m for m in modalities if m != anchor]
-    for combo in itertools.product(WEIGHT_GRID, repeat=len(others)):
-        weights = {anchor: 1.0, **dict(zip(others, combo, strict=True))}
-        total = _formula_total(split, weights)
-        for threshold in np.quantile(total[total > 0], np.linspace(0.5, 0.995, 60)):
-            f1 = _simulated_f1(split, total >= threshold)
-            if f1 > best[0]:
-                best = (f1, weights, float(threshold))
-    _, weights, threshold = best
+    weights = {m: 1.0 for m in modalities}
+
+    def best_threshold(trial: dict[str, float]) -> tuple[float, float]:
+        total = _formula_total(split, trial)
+        candidates = np.quantile(total[total > 0], np.linspace(0.5, 0.995, 60))
+        return max((_simulated_f1(split, total >= t), float(t)) for t in candidates)
+
+    best_f1, threshold = best_threshold(weights)
+    for _ in range(3):
+        improved = False
+        for modality in (m for m in modalities if m != anchor):
+            for weight in WEIGHT_GRID:
+                trial = {**weights, modality: weight}
+                f1, t = best_threshold(trial)
+                if f1 > best_f1 + 1e-9:
+                    best_f1, threshold, weights, improved = f1, t, trial, True
+        if not improved:
+            break
     return weights, round(threshold, 4), {m: FLOORS[m] for m in modalities}
 
 

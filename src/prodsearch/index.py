@@ -84,7 +84,9 @@ class Index:
     ) -> None:
         self.settings = settings or Settings()
         self.collection = collection or self.settings.collection
-        self.encoders = encoders or EncoderSet.default(self.settings.text_max_tokens)
+        self.encoders = encoders or EncoderSet.from_settings(
+            self.settings.encoders, self.settings.text_max_tokens
+        )
         self.store = (
             open_store(store or self.settings.store) if not isinstance(store, Store) else store
         )

@@ -19,7 +19,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-MODALITIES: tuple[str, ...] = ("text", "chars", "image", "phash")
+MODALITIES: tuple[str, ...] = ("text", "chars", "charcnn", "image", "phash")
 FusionName = Literal["rrf", "dbsf", "formula"]
 
 SETTINGS_FILE_ENV = "PRODSEARCH_SETTINGS_FILE"
@@ -31,6 +31,7 @@ class ModalityValues(BaseModel):
 
     text: float
     chars: float
+    charcnn: float
     image: float
     phash: float
 
@@ -43,9 +44,11 @@ class FormulaSettings(BaseModel):
     """The weighted-sum fusion: `sum(weight * score)` over the prefetches (0 where a prefetch
     missed the product) must reach `threshold`; prefetches keep candidates above `floors`."""
 
-    weights: ModalityValues = ModalityValues(text=0.5, chars=1.0, image=0.88, phash=0.75)
+    weights: ModalityValues = ModalityValues(
+        text=0.5, chars=1.0, charcnn=0.5, image=0.88, phash=0.75
+    )
     threshold: float | None = 0.6587
-    floors: ModalityValues = ModalityValues(text=0.5, chars=0.15, image=0.3, phash=0.5)
+    floors: ModalityValues = ModalityValues(text=0.5, chars=0.15, charcnn=0.5, image=0.3, phash=0.5)
 
 
 class Settings(BaseSettings):
@@ -65,7 +68,7 @@ class Settings(BaseSettings):
     k: int = Field(10, ge=1, le=1000, description="Matches returned per query.")
     prefetch_limit: int = Field(50, ge=1, le=1000, description="Candidates per modality.")
     thresholds: ModalityValues = Field(
-        ModalityValues(text=0.76, chars=0.36, image=0.75, phash=0.75),
+        ModalityValues(text=0.76, chars=0.36, charcnn=0.8, image=0.75, phash=0.75),
         description="Per-modality prefetch score thresholds for RRF and DBSF fusion.",
     )
     fusion: FusionName = "rrf"
@@ -73,6 +76,10 @@ class Settings(BaseSettings):
     formula: FormulaSettings = FormulaSettings()
     hnsw_ef: int | None = Field(
         None, ge=1, description="HNSW search breadth; None = engine default."
+    )
+    encoders: Literal["finetuned", "pretrained"] = Field(
+        "finetuned",
+        description="The shipped ArcFace-fine-tuned encoders, or the pretrained ones.",
     )
     text_max_tokens: int = Field(64, ge=8, le=512)
     batch_size: int = Field(256, ge=1, le=10_000)

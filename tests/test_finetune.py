@@ -1,0 +1,82 @@
+"""Each fine-tuning recipe runs end to end on a tiny slice: a real small training run whose loss
+falls and whose artefact loads; the shipped artefacts load with their documented dimensions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from finetune.common import load_config
+from prodsearch.encoders import CharCNNEncoder, EncoderSet, ImageEncoder, TextEncoder
+
+from .conftest import DATA, needs_shopee
+
+FIXED_MARGIN = {"margin_start": 0.3, "margin_end": 0.3}  # a constant loss function: comparable
+
+
+def _falls(history: list[dict]) -> bool:
+    losses = [h["train_loss"] for h in history if "train_loss" in h]
+    return losses[-1] < losses[0]
+
+
+@needs_shopee
+def test_text_recipe(tmp_path: Path) -> None:
+    from finetune import text
+
+    config = load_config(
+        text.CONFIG,
+        {"epochs": 3, "batch_size": 16, "lora_rank": 4, "max_tokens": 24, **FIXED_MARGIN},
+    )
+    fields = text.train(config, tmp_path / "adapter", DATA, limit_groups=24)
+    assert _falls(fields["history"])
+    assert (tmp_path / "adapter" / "manifest.json").is_file()
+    tuned = TextEncoder(adapter=tmp_path / "adapter")
+    titles = ["Kipas angin portable XB-450", "Sepatu sneakers wanita"]
+    vectors = tuned.encode_titles(titles)
+    assert vectors.shape == (2, 384)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(tuned.encode_titles(titles), vectors, atol=1e-6)
+    assert not np.allclose(vectors, TextEncoder().encode_titles(titles), atol=1e-3)
+    assert tuned.identity().name.endswith("arcface-lora")
+
+
+@needs_shopee
+def test_chars_recipe(tmp_path: Path) -> None:
+    from finetune import chars
+
+    config = load_config(chars.CONFIG, {"epochs": 4, "batch_size": 32, **FIXED_MARGIN})
+    fields = chars.train(config, tmp_path / "charcnn.safetensors", DATA, limit_groups=40)
+    assert _falls(fields["history"])
+    encoder = CharCNNEncoder(tmp_path / "charcnn.safetensors")
+    vectors = encoder.encode_titles(["XB-450 kipas", "xb450 kipas"])
+    assert vectors.shape == (2, 256)
+    np.testing.assert_allclose(encoder.encode_titles(["XB-450 kipas", "xb450 kipas"]), vectors)
+
+
+def test_image_recipe(tmp_path: Path) -> None:
+    from finetune import image
+
+    if not (DATA / "grocery_store" / "images.csv").is_file():
+        pytest.skip("grocery_store data not found")
+    config = load_config(image.CONFIG, {"epochs": 3, "views": 2, "batch_size": 16, **FIXED_MARGIN})
+    fields = image.train(config, tmp_path / "head.safetensors", DATA, limit_photos=48)
+    assert _falls(fields["history"])
+    encoder = ImageEncoder(head=tmp_path / "head.safetensors")
+    from PIL import Image
+
+    photos = [Image.new("RGB", (256, 256), c) for c in ("red", "navy")]
+    vectors = encoder.encode_images(photos)
+    assert vectors.shape == (2, 512)
+    np.testing.assert_allclose(encoder.encode_images(photos), vectors, atol=1e-5)
+
+
+def test_shipped_encoders_load_with_documented_dimensions() -> None:
+    shipped = EncoderSet.default()
+    dims = {name: encoder.dim for name, encoder in shipped.encoders.items()}
+    assert dims["text"] == 384 and dims["chars"] is None and dims["phash"] == 64
+    assert dims["image"] in (512, 1280) and dims.get("charcnn", 256) == 256
+    pretrained = EncoderSet.pretrained()
+    assert set(pretrained.encoders) == {"text", "chars", "image", "phash"}
+    assert pretrained["image"].dim == 1280
