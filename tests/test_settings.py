@@ -25,6 +25,16 @@ def test_environment_overrides_file_overrides_defaults(tmp_path, monkeypatch) ->
     assert default.fusion == "rrf"
 
 
+def test_partial_nested_overrides_keep_the_other_defaults(monkeypatch) -> None:
+    default = Settings()
+    monkeypatch.setenv("PRODSEARCH_THRESHOLDS__TEXT", "0.91")
+    monkeypatch.setenv("PRODSEARCH_FORMULA__WEIGHTS__PHASH", "2.5")
+    changed = Settings()
+    assert changed.thresholds.text == 0.91 and changed.thresholds.chars == default.thresholds.chars
+    assert changed.formula.weights.phash == 2.5
+    assert changed.formula.weights.chars == default.formula.weights.chars
+
+
 def test_invalid_settings_are_rejected(monkeypatch) -> None:
     monkeypatch.setenv("PRODSEARCH_FUSION", "average")
     with pytest.raises(ValidationError):

@@ -9,7 +9,9 @@ import csv
 import html
 import math
 import re
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +41,8 @@ class CatalogRow(BaseModel):
     product_id: str
     title: str | None = None
     image_path: Path | None = None
+    #: the encoded image itself, for products that arrive with it (the HTTP API) rather than a path
+    image_bytes: bytes | None = None
     phash: str | None = None
     payload: dict[str, Any] = {}
 
@@ -62,7 +66,7 @@ class Rejection:
 class Catalog:
     """The valid rows of a catalog file and the rows rejected while reading it."""
 
-    path: Path
+    path: Path | None  # None for products that did not come from a file (the HTTP API)
     rows: list[CatalogRow]
     rejections: list[Rejection] = field(default_factory=list)
     rows_read: int = 0
@@ -99,27 +103,91 @@ def read_catalog(path: Path, recipe: Recipe, images_dir: Path | None = None) -> 
             "rename them or map them in a recipe"
         )
     numeric = {c for c in payload_columns if _is_numeric(frame[c])}
+    validations = (
+        (row, partial(_validate_row, row, record, recipe, image_root, payload_columns, numeric))
+        for row, record in enumerate(frame.to_dict(orient="records"), start=FIRST_DATA_ROW)
+    )
+    rows, rejections = collect_rows(validations, id_field=recipe.id)
+    return Catalog(path=path, rows=rows, rejections=rejections, rows_read=len(frame))
 
-    catalog = Catalog(path=path, rows=[], rows_read=len(frame))
+
+def collect_rows(
+    candidates: Iterable[tuple[int, Callable[[], CatalogRow]]], id_field: str
+) -> tuple[list[CatalogRow], list[Rejection]]:
+    """Validate products in order: each candidate is its row number and a function building its
+    CatalogRow (raising RowError). Returns the valid rows and the rejections; a repeated product
+    id is rejected, the first occurrence is kept."""
+    rows: list[CatalogRow] = []
+    rejections: list[Rejection] = []
     first_row_of: dict[str, int] = {}
-    for offset, record in enumerate(frame.to_dict(orient="records")):
-        row_number = offset + FIRST_DATA_ROW
+    for row_number, build in candidates:
         try:
-            row = _validate_row(row_number, record, recipe, image_root, payload_columns, numeric)
+            row = build()
             if row.product_id in first_row_of:
                 raise RowError(
                     row_number,
-                    recipe.id,
+                    id_field,
                     f"duplicate id {row.product_id!r} (first seen on row "
                     f"{first_row_of[row.product_id]}); the first occurrence is kept",
                     row.product_id,
                 )
         except RowError as error:
-            catalog.rejections.append(Rejection.from_error(error))
+            rejections.append(Rejection.from_error(error))
             continue
         first_row_of[row.product_id] = row_number
-        catalog.rows.append(row)
-    return catalog
+        rows.append(row)
+    return rows, rejections
+
+
+def check_product(
+    row: int,
+    raw_id: str | None,
+    raw_title: str | None,
+    raw_phash: str | None,
+    *,
+    has_image: bool,
+    fields: Recipe,
+) -> tuple[str, str | None, str | None]:
+    """Validate the parts every product source shares (a CSV row, an API item): the id, the
+    title (cleaned, at most MAX_TITLE_CHARS) and the perceptual hash (16 hex digits), and that
+    there is a title or an image. `fields` names the fields in error messages.
+
+    Returns (product_id, title or None, phash or None); raises RowError naming the field.
+    """
+    product_id = (raw_id or "").strip()
+    if not product_id or product_id.lower() in {"nan", "null", "none"}:
+        raise RowError(row, fields.id, "missing product id")
+    title = clean_title(raw_title or "")
+    if len(title) > MAX_TITLE_CHARS:
+        raise RowError(
+            row,
+            fields.title or "title",
+            f"title is {len(title):,} characters, over the limit of {MAX_TITLE_CHARS:,}",
+            product_id,
+        )
+    phash = (raw_phash or "").strip().lower()
+    if phash and not _PHASH.match(phash):
+        raise RowError(
+            row,
+            fields.phash or "image_phash",
+            f"image_phash {phash[:40]!r} is not 16 hexadecimal digits",
+            product_id,
+        )
+    if not title and not has_image:
+        raise RowError(row, fields.title or "title", "empty title and no image", product_id)
+    return product_id, title or None, phash or None
+
+
+def check_payload(row: int, product_id: str, payload: Mapping[str, Any], field: str) -> None:
+    """Raise RowError when `payload` uses a key prodsearch keeps for itself."""
+    clashes = RESERVED_PAYLOAD_KEYS.intersection(payload)
+    if clashes:
+        raise RowError(
+            row,
+            field,
+            f"payload key(s) {sorted(clashes)} are reserved by prodsearch; rename them",
+            product_id,
+        )
 
 
 def _read_frame(path: Path, recipe: Recipe) -> pd.DataFrame:
@@ -179,28 +247,15 @@ def _validate_row(
     payload_columns: list[str],
     numeric: set[str],
 ) -> CatalogRow:
-    product_id = (record.get(recipe.id) or "").strip()
-    if not product_id or product_id.lower() in {"nan", "null", "none"}:
-        raise RowError(row, recipe.id, "missing product id")
-    title = clean_title(record.get(recipe.title, "")) if recipe.title else ""
-    if len(title) > MAX_TITLE_CHARS:
-        raise RowError(
-            row,
-            recipe.title or "title",
-            f"title is {len(title):,} characters, over the limit of {MAX_TITLE_CHARS:,}",
-            product_id,
-        )
+    product_id, title, phash = check_product(
+        row,
+        record.get(recipe.id),
+        record.get(recipe.title) if recipe.title else None,
+        record.get(recipe.phash) if recipe.phash else None,
+        has_image=bool(recipe.image and (record.get(recipe.image) or "").strip()),
+        fields=recipe,
+    )
     image_path = _resolve_image(row, record, recipe, image_root, product_id)
-    phash = (record.get(recipe.phash) or "").strip().lower() if recipe.phash else ""
-    if phash and not _PHASH.match(phash):
-        raise RowError(
-            row,
-            recipe.phash or "image_phash",
-            f"image_phash {phash[:40]!r} is not 16 hexadecimal digits",
-            product_id,
-        )
-    if not title and image_path is None:
-        raise RowError(row, recipe.title or "title", "empty title and no image", product_id)
     payload: dict[str, Any] = {}
     for column in payload_columns:
         value = record[column]
@@ -210,9 +265,9 @@ def _validate_row(
     return CatalogRow(
         row=row,
         product_id=product_id,
-        title=title or None,
+        title=title,
         image_path=image_path,
-        phash=phash or None,
+        phash=phash,
         payload=payload,
     )
 

@@ -445,7 +445,7 @@ def _tfidf_scores(split: SplitData, threshold: float) -> Scores:
 
 
 def _tune_and_report(
-    data: dict[str, SplitData], settings: Settings, console: Console
+    data: dict[str, SplitData], settings: Settings, console: Console, postprocess: bool = True
 ) -> tuple[list[MethodResult], dict[str, Any]]:
     val, test = data["val"], data["test"]
     modalities = [m for m in MODALITIES if val.pairs[m].notna().any()]  # type: ignore[index]
@@ -521,5 +521,187 @@ def _tune_and_report(
         "fusion": "formula" if formula_result.val.f1 > rrf_result.val.f1 else "rrf",
         "thresholds": _thresholds(settings, union).model_dump(),
         "formula": formula.model_dump(),
+    }
+    if postprocess:
+        best = settings.model_copy(
+            update={
+                "fusion": tuned["fusion"],
+                "thresholds": _thresholds(settings, union),
+                "formula": formula,
+            }
+        )
+        post_results, tuned["dedup"] = _postprocess(data, best, modalities, console)
+        results += post_results
+    return results, tuned
+
+
+# -- catalog-level post-processing (prodsearch dedup) -------------------------------------------
+def _dedup_sets(split: SplitData, settings: Settings, options: Any) -> list[set[str]]:
+    """Match sets of every product of the split from a real `run_dedup` in the engine."""
+    from prodsearch.dedup import run_dedup
+
+    result = run_dedup(
+        split.index.with_settings(
+            **settings.model_dump(include={"fusion", "thresholds", "formula", "dedup"})
+        ),
+        options,
+    )
+    return [set(result.neighbourhoods[pid].ids()) for pid in split.ids]
+
+
+def _cluster_sets(split: SplitData, settings: Settings, options: Any) -> list[set[str]]:
+    """Match sets read off the duplicate clusters of a real `run_dedup`."""
+    from prodsearch.dedup import run_dedup
+
+    result = run_dedup(
+        split.index.with_settings(
+            **settings.model_dump(include={"fusion", "thresholds", "formula", "dedup"})
+        ),
+        options,
+    )
+    members: dict[int, set[str]] = {}
+    for pid, cluster in result.clusters.items():
+        members.setdefault(cluster, set()).add(pid)
+    return [members[result.clusters[pid]] for pid in split.ids]
+
+
+def _tune_min2(split: SplitData, base_sets: list[set[str]], formula: Any) -> float:
+    """The looser formula threshold a lone product's best neighbour must reach, tuned on the
+    cached candidate scores (the engine's rule: the top non-self candidate by formula score)."""
+    pairs = split.pairs
+    assert pairs is not None
+    total = _formula_total(
+        split,
+        {m: formula.weights.get(m) for m in MODALITIES if m in pairs and pairs[m].notna().any()},
+    )
+    frame = pd.DataFrame(
+        {
+            "query": pairs["query"],
+            "candidate": pairs["candidate"],
+            "total": total,
+            "match": pairs["match"],
+        }
+    )
+    frame = frame[frame["query"] != frame["candidate"]].sort_values("total", ascending=False)
+    best = frame.drop_duplicates("query").set_index("query")
+    alone = [q for q, s in enumerate(base_sets) if len(s) == 1 and q in best.index]
+    n_true = np.array([len(t) for t in split.truth], dtype=float)
+    base = np.array(
+        [2 * len(s & t) / (len(s) + len(t)) for s, t in zip(base_sets, split.truth, strict=True)]
+    )
+    gain_if_added = {q: 2 * (1 + best.loc[q, "match"]) / (2 + n_true[q]) - base[q] for q in alone}
+    grid = np.round(np.arange(0.2, 1.2, 0.01), 3)
+    return float(
+        max(
+            grid,
+            key=lambda t: sum(g for q, g in gain_if_added.items() if best.loc[q, "total"] >= t),
+        )
+    )
+
+
+def _postprocess(
+    data: dict[str, SplitData], settings: Settings, modalities: list[str], console: Console
+) -> tuple[list[MethodResult], dict[str, Any]]:
+    """Each catalog-level step added in turn, tuned on val, every figure from `run_dedup`."""
+    from dataclasses import replace
+
+    from prodsearch.dedup import (
+        DedupOptions,
+        blended_vectors,
+        fused_neighbours,
+        stored_products,
+        write_blended,
+    )
+
+    val, test = data["val"], data["test"]
+    results: list[MethodResult] = []
+
+    def report(
+        method: str,
+        config: dict[str, Any],
+        tuned: Settings,
+        options: DedupOptions,
+        clusters: bool = False,
+    ) -> None:
+        console.print(f"dedup: {method} on val and test")
+        sets = _cluster_sets if clusters else _dedup_sets
+        results.append(
+            MethodResult(
+                method,
+                config,
+                row_scores(sets(val, tuned, options), val.truth),
+                row_scores(sets(test, tuned, options), test.truth),
+            )
+        )
+
+    plain = DedupOptions(min2=False)
+    base_val = _dedup_sets(val, settings, plain)
+    min2_threshold = _tune_min2(val, base_val, settings.formula)
+    with_min2 = DedupOptions(min2=True, min2_threshold=min2_threshold)
+    report("dedup: fused + min-2", {"min2_threshold": min2_threshold}, settings, with_min2)
+
+    # Blending: build the blended val collection once, tune its fusion on its candidates.
+    console.print("dedup: tuning the blended search on val")
+    products = list(stored_products(val.index))
+    neighbours = fused_neighbours(
+        val.index.with_settings(**settings.model_dump(include={"fusion", "thresholds", "formula"})),
+        products,
+        plain,
+    )
+    dense = [m for m in modalities if m not in ("chars", "phash")]
+    payloads = {p.payload["product_id"]: p.payload for p in products}
+    blended_index = write_blended(val.index, blended_vectors(products, neighbours, dense), payloads)
+    blended_val = replace(val, index=blended_index, pairs=None)
+    blended_val.pairs = _candidate_pairs(blended_val)
+    union = _tune_union(
+        blended_val, modalities, {m: _tune_single(blended_val, m) for m in modalities}
+    )
+    weights, root, floors = _tune_formula(blended_val, modalities)
+    union_f1 = _simulated_f1(blended_val, _union(blended_val, union))
+    formula_f1 = _simulated_f1(blended_val, _formula_total(blended_val, weights) >= root)
+    blended_formula = settings.formula.model_copy(
+        update={
+            "weights": settings.formula.weights.model_copy(update=weights),
+            "threshold": root,
+            "floors": settings.formula.floors.model_copy(update=floors),
+        }
+    )
+    blended = {
+        "fusion": "formula" if formula_f1 > union_f1 else "rrf",
+        "thresholds": _thresholds(settings, union).model_dump(),
+        "formula": blended_formula.model_dump(),
+    }
+    blend_settings = settings.model_copy(
+        update={
+            "dedup": settings.dedup.model_copy(
+                update={"blended": settings.dedup.blended.model_validate(blended)}
+            )
+        }
+    )
+    report(
+        "dedup: fused + 1 blending round",
+        {"blended": blended},
+        blend_settings,
+        DedupOptions(min2=False, blend_rounds=1),
+    )
+    both_val = _dedup_sets(val, blend_settings, DedupOptions(min2=False, blend_rounds=1))
+    min2_blended = _tune_min2(blended_val, both_val, blended_formula)
+    both = DedupOptions(min2=True, min2_threshold=min2_blended, blend_rounds=1)
+    report(
+        "dedup: fused + blending + min-2", {"min2_threshold": min2_blended}, blend_settings, both
+    )
+    report(
+        "dedup: clusters (capped components) of the above",
+        {"max_cluster_size": 50},
+        blend_settings,
+        both,
+        clusters=True,
+    )
+    tuned = {
+        "blend_rounds": 1,
+        "min2": True,
+        "min2_threshold": min2_blended,
+        "max_cluster_size": 50,
+        "blended": blended,
     }
     return results, tuned

@@ -56,6 +56,25 @@ class Match:
 
 
 @dataclass(frozen=True)
+class Explanation:
+    """Why product B does or does not match product A (see `Index.explain`)."""
+
+    product_a: str
+    product_b: str
+    fusion: str
+    scores: dict[str, float]
+    thresholds: dict[str, float]
+    fired: tuple[str, ...]
+    matched: bool
+    rank: int | None
+    fused_score: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return a JSON-serialisable form."""
+        return dict(vars(self), fired=list(self.fired))
+
+
+@dataclass(frozen=True)
 class MatchOptions:
     """Per-call knobs; None means "from settings"."""
 
@@ -88,7 +107,9 @@ class Index:
             self.settings.encoders, self.settings.text_max_tokens
         )
         self.store = (
-            open_store(store or self.settings.store) if not isinstance(store, Store) else store
+            open_store(store or self.settings.store, self.settings.collection_params())
+            if not isinstance(store, Store)
+            else store
         )
         self._checked = False
 
@@ -191,10 +212,15 @@ class Index:
         return self.match_vectors([self.encode_query(title, image, phash)], options)[0]
 
     def match_vectors(
-        self, queries: Sequence[Mapping[str, Vector]], options: MatchOptions = MatchOptions()
+        self,
+        queries: Sequence[Mapping[str, Vector]],
+        options: MatchOptions = MatchOptions(),
+        filters: Sequence[FilterSpec | None] | None = None,
     ) -> list[list[Match]]:
         """Match many already-encoded queries in one engine batch; one list per query.
 
+        `filters`, when given, holds one filter per query (replacing `options.filter`): whole-
+        catalog matching restricts each product's matches relative to its own payload.
         A query with no vector among the requested modalities gets an empty list.
         """
         self.check_encoders()
@@ -202,7 +228,10 @@ class Index:
         wanted = set(options.modalities or MODALITIES)
         queries = [{m: v for m, v in q.items() if m in wanted} for q in queries]
         searchable = [i for i, q in enumerate(queries) if q]
-        fused = [self._fused_query(queries[i], thresholds, options) for i in searchable]
+        fused = [
+            self._fused_query(queries[i], thresholds, options, filters[i] if filters else None)
+            for i in searchable
+        ]
         hits = self.store.query_batch(self.collection, fused)
         scores = self._modality_scores([queries[i] for i in searchable], hits)
         out: list[list[Match]] = [[] for _ in queries]
@@ -244,6 +273,47 @@ class Index:
             out[i] = result
         return out
 
+    def explain(self, product_a: str, product_b: str) -> Explanation:
+        """Explain whether and why catalog product B matches product A.
+
+        Returns the engine's score of every modality A and B share, the threshold each is
+        compared with, which fired, and B's rank and fused score in A's matches (as `match`
+        returns them). Raises ConfigError when either product is not in the collection.
+        """
+        self.check_encoders()
+        found = {
+            p.payload.get("product_id"): p
+            for p in self.store.retrieve(
+                self.collection, [point_id(product_a), point_id(product_b)], with_vectors=True
+            )
+        }
+        for product in (product_a, product_b):
+            if product not in found:
+                raise ConfigError(f"product {product!r} is not in collection {self.collection!r}")
+        vectors = found[product_a].vectors
+        thresholds = self._thresholds(None, self.settings.fusion)
+        requests = [ScoreRequest(m, v, (point_id(product_b),)) for m, v in vectors.items()]
+        scores = {
+            request.modality: result[point_id(product_b)]
+            for request, result in zip(
+                requests, self.store.score_batch(self.collection, requests), strict=True
+            )
+            if point_id(product_b) in result
+        }
+        matches = self.match_vectors([vectors], MatchOptions(k=self.settings.prefetch_limit))[0]
+        rank = next((i for i, m in enumerate(matches) if m.product_id == product_b), None)
+        return Explanation(
+            product_a=product_a,
+            product_b=product_b,
+            fusion=self.settings.fusion,
+            scores=scores,
+            thresholds={m: thresholds[m] for m in scores},
+            fired=tuple(m for m in MODALITIES if m in scores and scores[m] >= thresholds[m]),
+            matched=rank is not None,
+            rank=rank,
+            fused_score=matches[rank].score if rank is not None else None,
+        )
+
     def _thresholds(self, overrides: Mapping[str, float] | None, fusion: str) -> dict[str, float]:
         """Prefetch thresholds: the formula's floors or the RRF/DBSF thresholds, then overrides."""
         base = self.settings.formula.floors if fusion == "formula" else self.settings.thresholds
@@ -255,7 +325,11 @@ class Index:
         return thresholds
 
     def _fused_query(
-        self, vectors: Mapping[str, Vector], thresholds: dict[str, float], options: MatchOptions
+        self,
+        vectors: Mapping[str, Vector],
+        thresholds: dict[str, float],
+        options: MatchOptions,
+        query_filter: FilterSpec | None = None,
     ) -> FusedQuery:
         settings = self.settings
         prefetches = tuple(
@@ -263,7 +337,7 @@ class Index:
             for m in MODALITIES
             if m in vectors
         )
-        spec = options.filter
+        spec = query_filter or options.filter
         if spec is not None and not isinstance(spec, FilterSpec):
             spec = FilterSpec.from_mapping(spec)
         return FusedQuery(

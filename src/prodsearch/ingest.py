@@ -159,7 +159,9 @@ def _ingest_batch(index: Index, rows: Sequence[CatalogRow], report: IngestReport
     prepared: list[_Prepared] = []
     for row in rows:
         try:
-            image_bytes = row.image_path.read_bytes() if row.image_path else None
+            image_bytes = row.image_bytes or (
+                row.image_path.read_bytes() if row.image_path else None
+            )
         except OSError as exc:
             report.rejections.append(
                 Rejection(row.row, row.product_id, "image", f"cannot read image: {exc.strerror}")

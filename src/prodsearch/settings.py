@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -40,15 +40,63 @@ class ModalityValues(BaseModel):
         return float(getattr(self, modality))
 
 
+# Each role has its own defaults, so a partial override (PRODSEARCH_THRESHOLDS__TEXT=0.8, or a
+# TOML table naming one modality) keeps the other modalities' values.
+class Thresholds(ModalityValues):
+    """Per-modality prefetch score thresholds (RRF and DBSF fusion)."""
+
+    text: float = 0.76
+    chars: float = 0.36
+    charcnn: float = 0.8
+    image: float = 0.75
+    phash: float = 0.75
+
+
+class FormulaWeights(ModalityValues):
+    """Per-modality weights of the formula fusion."""
+
+    text: float = 0.5
+    chars: float = 1.0
+    charcnn: float = 0.5
+    image: float = 0.88
+    phash: float = 0.75
+
+
+class FormulaFloors(ModalityValues):
+    """Per-modality prefetch thresholds under the formula fusion (candidate floors)."""
+
+    text: float = 0.5
+    chars: float = 0.15
+    charcnn: float = 0.5
+    image: float = 0.3
+    phash: float = 0.5
+
+
 class FormulaSettings(BaseModel):
     """The weighted-sum fusion: `sum(weight * score)` over the prefetches (0 where a prefetch
     missed the product) must reach `threshold`; prefetches keep candidates above `floors`."""
 
-    weights: ModalityValues = ModalityValues(
-        text=0.5, chars=1.0, charcnn=0.5, image=0.88, phash=0.75
-    )
+    weights: FormulaWeights = FormulaWeights()
     threshold: float | None = 0.6587
-    floors: ModalityValues = ModalityValues(text=0.5, chars=0.15, charcnn=0.5, image=0.3, phash=0.5)
+    floors: FormulaFloors = FormulaFloors()
+
+
+class SearchSettings(BaseModel):
+    """A complete fusion configuration (the blended search of `dedup` has its own)."""
+
+    fusion: FusionName = "formula"
+    thresholds: Thresholds = Thresholds()
+    formula: FormulaSettings = FormulaSettings()
+
+
+class DedupSettings(BaseModel):
+    """Whole-catalog matching (`prodsearch dedup`): post-processing switches and knobs."""
+
+    blend_rounds: int = Field(0, ge=0, le=3, description="Neighbourhood-blending rounds.")
+    min2: bool = Field(True, description="A product left alone takes a close best neighbour.")
+    min2_threshold: float = Field(0.5, description="Formula score the min-2 neighbour must reach.")
+    max_cluster_size: int = Field(50, ge=1, description="No duplicate cluster grows past this.")
+    blended: SearchSettings = SearchSettings()
 
 
 class Settings(BaseSettings):
@@ -67,13 +115,13 @@ class Settings(BaseSettings):
     collection: str = "products"
     k: int = Field(10, ge=1, le=1000, description="Matches returned per query.")
     prefetch_limit: int = Field(50, ge=1, le=1000, description="Candidates per modality.")
-    thresholds: ModalityValues = Field(
-        ModalityValues(text=0.76, chars=0.36, charcnn=0.8, image=0.75, phash=0.75),
-        description="Per-modality prefetch score thresholds for RRF and DBSF fusion.",
+    thresholds: Thresholds = Field(
+        Thresholds(), description="Per-modality prefetch score thresholds for RRF and DBSF."
     )
     fusion: FusionName = "rrf"
     rrf_k: int = Field(2, ge=1)
     formula: FormulaSettings = FormulaSettings()
+    dedup: DedupSettings = DedupSettings()
     hnsw_ef: int | None = Field(
         None, ge=1, description="HNSW search breadth; None = engine default."
     )
@@ -84,6 +132,40 @@ class Settings(BaseSettings):
     text_max_tokens: int = Field(64, ge=8, le=512)
     batch_size: int = Field(256, ge=1, le=10_000)
     max_image_pixels: int = Field(40_000_000, ge=1)
+
+    # The HTTP API (`prodsearch serve`).
+    api_key: SecretStr | None = Field(
+        None,
+        description="When set, every API route but /health requires it in the X-API-Key header.",
+    )
+    max_request_bytes: int = Field(20_000_000, ge=1, description="Largest API request body.")
+    max_batch_products: int = Field(1_000, ge=1, description="Most products per POST /products.")
+    encode_batch_size: int = Field(
+        32, ge=1, description="Concurrent API requests encoded together (1 = one at a time)."
+    )
+
+    # Collection creation on a Qdrant server or cluster (the embedded engine is one shard).
+    shard_number: int | None = Field(None, ge=1, description="None = one per node.")
+    replication_factor: int | None = Field(None, ge=1, description="None = the server's (1).")
+    write_consistency_factor: int | None = Field(
+        None, ge=1, description="Replicas that must confirm a write; None = the server's (1)."
+    )
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _blank_key_is_none(cls, value: object) -> object:
+        # `PRODSEARCH_API_KEY=` (set but empty) must not mean "the key is the empty string".
+        return None if isinstance(value, str) and not value.strip() else value
+
+    def collection_params(self) -> dict[str, int]:
+        """Return the sharding and replication parameters to create a collection with (only the
+        ones set)."""
+        params = {
+            "shard_number": self.shard_number,
+            "replication_factor": self.replication_factor,
+            "write_consistency_factor": self.write_consistency_factor,
+        }
+        return {name: value for name, value in params.items() if value is not None}
 
     @classmethod
     def settings_customise_sources(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
 from prodsearch.store.base import (
     FusedQuery,
@@ -36,18 +37,26 @@ __all__ = [
 LOCAL_PREFIX = "local:"
 
 
-def open_store(location: str) -> Store:
+def open_store(location: str, collection_params: Mapping[str, int] | None = None) -> Store:
     """Open the store at `location`.
 
     - `http://...` / `https://...`: a Qdrant server or cluster (qdrant-client; API key from
-      PRODSEARCH_QDRANT_API_KEY);
+      PRODSEARCH_QDRANT_API_KEY); collections it creates get `collection_params` (shard_number,
+      replication_factor, write_consistency_factor), by default those of `Settings()`;
     - `:memory:` or `local:DIR`: qdrant-client's local mode (tests, small experiments);
     - anything else: a directory for the embedded Qdrant Edge engine (the default).
     """
     if location.startswith(("http://", "https://")):
+        from prodsearch.settings import Settings
         from prodsearch.store.client import ClientStore
 
-        return ClientStore(url=location, api_key=os.environ.get("PRODSEARCH_QDRANT_API_KEY"))
+        if collection_params is None:
+            collection_params = Settings().collection_params()
+        return ClientStore(
+            url=location,
+            api_key=os.environ.get("PRODSEARCH_QDRANT_API_KEY"),
+            collection_params=collection_params,
+        )
     if location == ":memory:" or location.startswith(LOCAL_PREFIX):
         from prodsearch.store.client import ClientStore
 

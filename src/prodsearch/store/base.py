@@ -163,6 +163,10 @@ class Store(ABC):
         """Create a collection with the manifest's vectors and record the manifest."""
 
     @abstractmethod
+    def delete_collection(self, name: str) -> None:
+        """Delete a collection and everything in it (absent collections are ignored)."""
+
+    @abstractmethod
     def manifest(self, name: str) -> Manifest:
         """Return the collection's manifest; raises CollectionNotFoundError."""
 

@@ -5,7 +5,7 @@ The manifest is the collection's own `metadata`, written in the same call that c
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
@@ -118,8 +118,16 @@ def client_request(query: FusedQuery) -> models.QueryRequest:
 class ClientStore(Store):
     """Collections in a Qdrant server/cluster (`url`) or in qdrant-client's local mode (`path`)."""
 
-    def __init__(self, url: str | None = None, path: str | None = None, api_key: str | None = None):
+    def __init__(
+        self,
+        url: str | None = None,
+        path: str | None = None,
+        api_key: str | None = None,
+        collection_params: Mapping[str, int] | None = None,
+    ):
         self.location = url or (f"local:{path}" if path else ":memory:")
+        # Sharding and replication of the collections this store creates (a cluster's concern).
+        self.collection_params = dict(collection_params or {})
         try:
             if url:
                 self.client = QdrantClient(url=url, api_key=api_key, timeout=60)
@@ -153,6 +161,7 @@ class ClientStore(Store):
                 vectors_config=dense,
                 sparse_vectors_config=sparse,
                 metadata=manifest.as_dict(),
+                **self.collection_params,
             ),
         )
         _engine_call(
@@ -161,6 +170,11 @@ class ClientStore(Store):
                 name, "product_id", models.PayloadSchemaType.KEYWORD
             ),
         )
+
+    def delete_collection(self, name: str) -> None:
+        """Delete the collection."""
+        if self.has_collection(name):
+            _engine_call("delete collection", lambda: self.client.delete_collection(name))
 
     def manifest(self, name: str) -> Manifest:
         """Return the collection's manifest; raises CollectionNotFoundError."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -155,6 +156,13 @@ class EdgeStore(Store):
         temporary.write_text(json.dumps(manifest.as_dict(), indent=2), encoding="utf-8")
         os.replace(temporary, directory / "manifest.json")
         self._shard(name)
+
+    def delete_collection(self, name: str) -> None:
+        """Close the collection's shard and remove its directory."""
+        shard = self._shards.pop(name, None)
+        if shard is not None:
+            _engine_call("close", shard.close)
+        shutil.rmtree(self._dir(name), ignore_errors=True)
 
     def manifest(self, name: str) -> Manifest:
         """Return the collection's manifest; raises CollectionNotFoundError."""
