@@ -114,3 +114,31 @@ def test_readme_demo_command_runs(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Tropicana Apple Juice" in result.stdout
     assert '"matches"' in result.stdout
+
+
+def test_dedup_and_explain_commands(tmp_path: Path) -> None:
+    store = str(tmp_path / "store")
+    out = tmp_path / "matches.csv"
+    result = run(
+        "dedup",
+        str(SAMPLE / "catalog.csv"),
+        "--store",
+        store,
+        "--out",
+        str(out),
+        "--same",
+        "brand",
+        "--json",
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["products"] == 62 and "fused neighbours" in summary["seconds"]
+    lines = out.read_text().splitlines()
+    assert lines[0] == "id,matches,cluster,min2" and len(lines) == 63
+    assert not (tmp_path / "matches.csv.checkpoint.jsonl").exists()
+    pairs = [line.split(",")[:2] for line in lines[1:]]
+    pid, others = next((p, m.split(" ")[1:]) for p, m in pairs if len(m.split(" ")) > 1)
+    explained = json.loads(run("explain", pid, others[0], "--store", store, "--json").stdout)
+    assert explained["product_a"] == pid and explained["scores"]
+    missing = run("explain", pid, "no-such-id", "--store", store)
+    assert missing.returncode == 1 and "not in collection" in missing.stderr

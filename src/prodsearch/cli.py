@@ -375,5 +375,138 @@ def serve(
     uvicorn.run(create_app(settings), host=host, port=port)
 
 
+@app.command()
+@_reports_errors
+def dedup(
+    catalog: Annotated[
+        Path | None,
+        typer.Argument(help="Catalog CSV to ingest first (omit to use the collection as is)."),
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Where to write id,matches,cluster,min2.")] = Path(
+        "matches.csv"
+    ),
+    store: StoreOption = None,
+    collection: CollectionOption = None,
+    recipe: Annotated[
+        str, typer.Option(help="Column mapping when a CATALOG is given.")
+    ] = "generic",
+    same: Annotated[
+        list[str] | None, typer.Option(help="Matches must share this payload field (repeatable).")
+    ] = None,
+    different: Annotated[
+        list[str] | None,
+        typer.Option(help="Matches must differ in this payload field, e.g. seller (repeatable)."),
+    ] = None,
+    filter_: Annotated[
+        list[str] | None, typer.Option("--filter", help="Payload filter key=value (repeatable).")
+    ] = None,
+    min2: Annotated[
+        bool | None, typer.Option("--min2/--no-min2", help="Give lone products a close neighbour.")
+    ] = None,
+    blend_rounds: Annotated[
+        int | None, typer.Option(min=0, max=3, help="Neighbourhood-blending rounds.")
+    ] = None,
+    max_cluster_size: Annotated[
+        int | None, typer.Option(min=1, help="Cap on a duplicate cluster's size.")
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Match every product of a collection against it: match sets, duplicate clusters, where the
+    time went. Resumable: a re-run after a kill reuses OUT.checkpoint.jsonl."""
+    import time
+
+    from prodsearch.catalog import read_catalog
+    from prodsearch.dedup import DedupOptions, run_dedup
+    from prodsearch.filters import parse_cli_filters
+    from prodsearch.index import Index
+    from prodsearch.ingest import ingest_catalog
+    from prodsearch.recipes import load_recipe
+
+    settings = _settings(store, collection)
+    knobs = settings.dedup
+    options = DedupOptions(
+        blend_rounds=knobs.blend_rounds if blend_rounds is None else blend_rounds,
+        min2=knobs.min2 if min2 is None else min2,
+        min2_threshold=knobs.min2_threshold,
+        max_cluster_size=max_cluster_size or knobs.max_cluster_size,
+        same=tuple(same or ()),
+        different=tuple(different or ()),
+        filter=parse_cli_filters(filter_ or []),
+    )
+    checkpoint = out.with_name(out.name + ".checkpoint.jsonl")
+    started = time.perf_counter()
+    with Index(settings=settings) as index:
+        if catalog is not None:
+            ingest_catalog(
+                index,
+                read_catalog(catalog, load_recipe(recipe)),
+                console=stderr,
+                report_path=catalog.with_name(catalog.stem + ".rejects.csv"),
+            )
+        ingested = time.perf_counter() - started
+
+        def progress(step: str, done: int, total: int) -> None:
+            if done == total or done % 2048 < 256:
+                stderr.print(f"{step}: {done:,}/{total:,}", highlight=False)
+
+        result = run_dedup(index, options, progress=progress, checkpoint=checkpoint)
+    result.write_csv(out)
+    checkpoint.unlink(missing_ok=True)
+    seconds = {"ingest": round(ingested, 1)} if catalog is not None else {}
+    seconds.update({k: round(v, 1) for k, v in result.seconds.items()})
+    summary = {
+        "products": len(result.neighbourhoods),
+        "clusters": len(set(result.clusters.values())),
+        "products_with_matches": sum(len(h.ids()) > 1 for h in result.neighbourhoods.values()),
+        "rescued_by_min2": sum(h.by_min2 for h in result.neighbourhoods.values()),
+        "seconds": seconds,
+        "out": str(out),
+    }
+    if as_json:
+        _print_json(summary)
+        return
+    table = Table(title=f"dedup -> {out}", show_header=False)
+    for key, value in summary.items():
+        table.add_row(key, json.dumps(value) if isinstance(value, dict) else str(value))
+    stderr.print(table)
+
+
+@app.command()
+@_reports_errors
+def explain(
+    product_a: Annotated[str, typer.Argument(help="The query product's id.")],
+    product_b: Annotated[str, typer.Argument(help="The candidate product's id.")],
+    store: StoreOption = None,
+    collection: CollectionOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Explain whether and why product B matches product A: every modality's score against its
+    threshold, which signals fired, and B's rank and fused score in A's matches."""
+    from prodsearch.index import Index
+
+    with Index(settings=_settings(store, collection)) as index:
+        explanation = index.explain(product_a, product_b)
+    if as_json:
+        _print_json(explanation.as_dict())
+        return
+    verdict = (
+        f"MATCH (rank {explanation.rank}, fused score {explanation.fused_score:.4f}, "
+        f"{explanation.fusion})"
+        if explanation.matched
+        else f"no match ({explanation.fusion})"
+    )
+    table = Table(title=f"{product_a} vs {product_b}: {verdict}")
+    for column in ("modality", "score", "threshold", "fired"):
+        table.add_column(column)
+    for modality, score in explanation.scores.items():
+        table.add_row(
+            modality,
+            f"{score:.4f}",
+            f"{explanation.thresholds[modality]:.4f}",
+            "yes" if modality in explanation.fired else "no",
+        )
+    _stdout().print(table)
+
+
 if __name__ == "__main__":
     app()
