@@ -34,6 +34,7 @@ def shopee_index(tmp_path, encoders, shopee_csv) -> Index:
     # Two synthetic payload fields for the relative filters: a category and a seller.
     frame["category"] = np.where(frame.index % 3 == 0, "a", "b")
     frame["seller"] = np.where(frame.index % 2 == 0, "s1", "s2")
+    frame["price"] = 10.0 + (frame.index % 7) * 5
     frame.to_csv(shopee_csv, index=False)
     index = Index(str(tmp_path / "store"), "products", Settings(), encoders)
     ingest_catalog(index, read_catalog(shopee_csv, load_recipe("shopee")))
@@ -122,16 +123,24 @@ def test_capped_components_join_strongest_edges_first() -> None:
 @needs_shopee
 def test_relative_filters_are_applied_by_the_engine(shopee_index) -> None:
     payloads = {p.payload["product_id"]: p.payload for p in stored_products(shopee_index)}
-    result = run_dedup(
-        shopee_index,
-        DedupOptions(min2=True, min2_threshold=0.3, same=("category",), different=("seller",)),
+    options = DedupOptions(
+        min2=True,
+        min2_threshold=0.3,
+        same=("category",),
+        different=("seller",),
+        within=(("price", 0.5),),
     )
+    result = run_dedup(shopee_index, options)
+    schema = shopee_index.store._shard("products").info().payload_schema
+    assert {"category", "seller", "price"} <= set(schema), "the engine indexes filtered fields"
     checked = 0
     for pid, hood in result.neighbourhoods.items():
         for other in hood.ids():
             if other != pid:
                 assert payloads[other]["category"] == payloads[pid]["category"]
                 assert payloads[other]["seller"] != payloads[pid]["seller"]
+                low, high = payloads[pid]["price"] * 0.5, payloads[pid]["price"] * 1.5
+                assert low <= payloads[other]["price"] <= high
                 checked += 1
     assert checked > 0
 

@@ -397,6 +397,10 @@ def dedup(
         list[str] | None,
         typer.Option(help="Matches must differ in this payload field, e.g. seller (repeatable)."),
     ] = None,
+    within: Annotated[
+        list[str] | None,
+        typer.Option(help="A numeric field within a fraction of the product's, e.g. price=0.2."),
+    ] = None,
     filter_: Annotated[
         list[str] | None, typer.Option("--filter", help="Payload filter key=value (repeatable).")
     ] = None,
@@ -431,6 +435,7 @@ def dedup(
         max_cluster_size=max_cluster_size or knobs.max_cluster_size,
         same=tuple(same or ()),
         different=tuple(different or ()),
+        within=tuple(_fraction(item) for item in within or ()),
         filter=parse_cli_filters(filter_ or []),
     )
     checkpoint = out.with_name(out.name + ".checkpoint.jsonl")
@@ -469,6 +474,14 @@ def dedup(
     for key, value in summary.items():
         table.add_row(key, json.dumps(value) if isinstance(value, dict) else str(value))
     stderr.print(table)
+
+
+def _fraction(item: str) -> tuple[str, float]:
+    key, _, value = item.partition("=")
+    try:
+        return key, float(value)
+    except ValueError as exc:
+        raise ConfigError(f"--within {item!r}: expected field=fraction, e.g. price=0.2") from exc
 
 
 @app.command()

@@ -27,7 +27,7 @@ import numpy as np
 
 from prodsearch.encoders.base import SparseVec, Vector
 from prodsearch.errors import ConfigError
-from prodsearch.filters import Condition, FilterSpec
+from prodsearch.filters import Condition, FilterSpec, Range
 from prodsearch.index import Index, Match, MatchOptions
 from prodsearch.settings import MODALITIES
 from prodsearch.store import PointRecord, point_id
@@ -47,7 +47,14 @@ class DedupOptions:
     same: tuple[str, ...] = ()
     #: payload keys whose value a match must not share with the product (e.g. "seller")
     different: tuple[str, ...] = ()
+    #: (key, fraction): a match's numeric value must be within +-fraction of the product's
+    within: tuple[tuple[str, float], ...] = ()
     filter: FilterSpec | None = None
+
+    def filter_keys(self) -> set[str]:
+        """Every payload key the relative and absolute filters read."""
+        keys = set(self.same) | set(self.different) | {key for key, _ in self.within}
+        return keys | (self.filter.keys() if self.filter else set())
 
 
 @dataclass
@@ -93,6 +100,11 @@ def relative_filter(payload: Mapping[str, Any], options: DedupOptions) -> Filter
     for key in options.different:
         if key in payload:
             must_not.append(Condition(key=key, value=payload[key]))
+    for key, fraction in options.within:
+        value = payload.get(key)
+        if isinstance(value, int | float):
+            low, high = sorted((value * (1 - fraction), value * (1 + fraction)))
+            must.append(Condition(key=key, range=Range(gte=low, lte=high)))
     return FilterSpec(must=must, must_not=must_not) if must or must_not else None
 
 
@@ -105,6 +117,22 @@ def stored_products(index: Index, collection: str | None = None, page: int = 100
         yield from points
         if offset is None:
             return
+
+
+def index_filter_fields(index: Index, products: Sequence[Any], keys: set[str]) -> None:
+    """Create a payload index on every filtered field (its type read off the stored values), so
+    the engine executes the filters with an index."""
+    for key in sorted(keys):
+        values = [p.payload[key] for p in products if key in p.payload]
+        if not values:
+            continue
+        if all(isinstance(v, bool) or not isinstance(v, int | float) for v in values):
+            kind = "keyword"
+        elif all(isinstance(v, int) for v in values):
+            kind = "integer"
+        else:
+            kind = "float"
+        index.store.create_payload_index(index.collection, key, kind)
 
 
 def fused_neighbours(
@@ -332,6 +360,7 @@ def run_dedup(
     start = time.perf_counter()
     products = list(stored_products(index))
     seconds["read vectors"] = time.perf_counter() - start
+    index_filter_fields(index, products, options.filter_keys())
 
     def step(name: str) -> Callable[[int], None]:
         done = [0]

@@ -55,6 +55,11 @@ class SerializedStore(Store):
         with self._lock:
             self.inner.create_collection(name, manifest)
 
+    def create_payload_index(self, name: str, field: str, kind: str) -> None:
+        """Index a payload field."""
+        with self._lock:
+            self.inner.create_payload_index(name, field, kind)
+
     def delete_collection(self, name: str) -> None:
         """Delete a collection and everything in it."""
         with self._lock:

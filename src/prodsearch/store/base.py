@@ -163,6 +163,10 @@ class Store(ABC):
         """Create a collection with the manifest's vectors and record the manifest."""
 
     @abstractmethod
+    def create_payload_index(self, name: str, field: str, kind: str) -> None:
+        """Index a payload field ("keyword", "integer" or "float") so filters on it are fast."""
+
+    @abstractmethod
     def delete_collection(self, name: str) -> None:
         """Delete a collection and everything in it (absent collections are ignored)."""
 

@@ -171,6 +171,18 @@ class ClientStore(Store):
             ),
         )
 
+    def create_payload_index(self, name: str, field: str, kind: str) -> None:
+        """Index a payload field (a no-op in local mode, which has no payload indexes)."""
+        schema = {
+            "keyword": models.PayloadSchemaType.KEYWORD,
+            "integer": models.PayloadSchemaType.INTEGER,
+            "float": models.PayloadSchemaType.FLOAT,
+        }[kind]
+        _engine_call(
+            "create payload index",
+            lambda: self.client.create_payload_index(name, field, schema, wait=True),
+        )
+
     def delete_collection(self, name: str) -> None:
         """Delete the collection."""
         if self.has_collection(name):

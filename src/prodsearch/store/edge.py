@@ -157,6 +157,19 @@ class EdgeStore(Store):
         os.replace(temporary, directory / "manifest.json")
         self._shard(name)
 
+    def create_payload_index(self, name: str, field: str, kind: str) -> None:
+        """Index a payload field in the shard (idempotent)."""
+        schema = {
+            "keyword": qe.PayloadSchemaType.Keyword,
+            "integer": qe.PayloadSchemaType.Integer,
+            "float": qe.PayloadSchemaType.Float,
+        }[kind]
+        shard = self._shard(name)
+        _engine_call(
+            "create payload index",
+            lambda: shard.update(qe.UpdateOperation.create_field_index(field, schema)),
+        )
+
     def delete_collection(self, name: str) -> None:
         """Close the collection's shard and remove its directory."""
         shard = self._shards.pop(name, None)
