@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import BaseModel
+
 from prodsearch.encoders import EncoderInput, EncoderSet, Vector
 from prodsearch.encoders.phash import compute_phash
 from prodsearch.errors import ConfigError
@@ -114,10 +116,14 @@ class Index:
         self._checked = False
 
     def with_settings(self, **changes: Any) -> Index:
-        """Return an Index on the same store, collection and encoders with some settings changed."""
-        twin = Index(
-            self.store, self.collection, self.settings.model_copy(update=changes), self.encoders
-        )
+        """Return an Index on the same store, collection and encoders with some settings changed.
+
+        Changes may be setting models or plain dicts; either way they are validated.
+        """
+        merged = self.settings.model_dump()
+        for name, value in changes.items():
+            merged[name] = value.model_dump() if isinstance(value, BaseModel) else value
+        twin = Index(self.store, self.collection, Settings.model_validate(merged), self.encoders)
         twin._checked = self._checked
         return twin
 
