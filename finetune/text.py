@@ -168,7 +168,8 @@ def train(
     history: list[dict[str, Any]] = [{"epoch": 0, "val_f1": round(baseline_f1, 4)}]
     print(f"epoch 0: val F1 {baseline_f1:.4f}", file=sys.stderr)
     best_f1 = -1.0
-    for epoch in range(1, config["epochs"] + 1):
+    # The learning rate decays over `epochs`; `train_epochs` may stop the run earlier (CPU budget).
+    for epoch in range(1, min(config["epochs"], config.get("train_epochs", config["epochs"])) + 1):
         model.train()
         indices = list(iter(sampler))
         losses = []

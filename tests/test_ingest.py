@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
@@ -20,7 +21,7 @@ from prodsearch.recipes import load_recipe
 from prodsearch.settings import Settings
 from prodsearch.store import point_id
 
-from .conftest import needs_shopee, shopee_groups
+from .conftest import DATA, needs_shopee, shopee_groups
 
 GENERIC = load_recipe("generic")
 
@@ -72,6 +73,56 @@ def test_bad_images_are_reported_and_nothing_stored_is_lost(tmp_path, encoders) 
     assert rejected["product_id"].tolist() == ["p3", "p4"]
     assert all(rejected["field"] == "image")
     assert "corrupt" in rejected["reason"][0] and "not a recognised image" in rejected["reason"][1]
+
+
+def _stored(index: Index) -> dict[str, tuple[dict, dict]]:
+    """Every stored point: product id -> (payload, vectors)."""
+    out, offset = {}, None
+    while True:
+        page, offset = index.store.scroll(index.collection, offset, 500, True)
+        out.update({p.payload["product_id"]: (p.payload, p.vectors) for p in page})
+        if offset is None:
+            return out
+
+
+@needs_shopee
+def test_pipelined_ingest_stores_what_a_sequential_one_stores(tmp_path, encoders) -> None:
+    photos = pd.read_csv(DATA / "grocery_store" / "images.csv").iloc[::250]
+    shopee = shopee_groups(8)
+    catalog = tmp_path / "mixed.csv"
+    pd.concat(
+        [
+            pd.DataFrame({"id": "gs-" + photos["id"].astype(str), "image": photos["image"]}),
+            pd.DataFrame(
+                {
+                    "id": shopee["posting_id"],
+                    "title": shopee["title"],
+                    "image_phash": shopee["image_phash"],
+                }
+            ),
+            pd.DataFrame({"id": ["gone"], "title": ["No photo"], "image": ["images/gone.jpg"]}),
+        ]
+    ).sample(frac=1, random_state=0).to_csv(catalog, index=False)
+    rows = read_catalog(catalog, GENERIC, images_dir=DATA / "grocery_store")
+    stored, reports = [], []
+    for pipelined in (False, True):
+        with Index(str(tmp_path / f"s{pipelined}"), "p", Settings(), encoders) as index:
+            reports.append(ingest_catalog(index, rows, batch_size=8, pipelined=pipelined))
+            stored.append(_stored(index))
+    sequential, pipelined = stored
+    assert reports[0].upserted == reports[1].upserted == len(sequential) > 30
+    assert reports[0].rejections == reports[1].rejections and reports[0].skipped == 1
+    assert sequential.keys() == pipelined.keys()
+    assert sum("image" in vectors for _, vectors in sequential.values()) == len(photos)
+    for product_id, (payload, vectors) in sequential.items():
+        assert pipelined[product_id][0] == payload
+        assert vectors.keys() == pipelined[product_id][1].keys()
+        for name, vector in vectors.items():
+            other = pipelined[product_id][1][name]
+            if hasattr(vector, "indices"):
+                np.testing.assert_array_equal(vector.indices, other.indices)
+                vector, other = vector.values, other.values
+            np.testing.assert_allclose(other, vector, atol=1e-5, err_msg=name)
 
 
 def _cli(*args: str, env: dict[str, str]) -> subprocess.Popen:

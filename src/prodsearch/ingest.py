@@ -4,6 +4,10 @@ Every product maps to a fixed point id, and its payload carries a hash of its co
 (after a kill, or on an updated catalog) skips products whose stored hash is unchanged, so it
 resumes where the previous run stopped without duplicates; changed products are replaced whole
 (all named vectors and payload in one upsert), so a point is never half-written.
+
+Pipelined: a reader thread reads, hashes, checks against the store and decodes batch k+1 while
+the main thread encodes and upserts batch k. Catalog ids are unique, so the two batches never
+share a point, and the upserts still happen in catalog order, one batch at a time.
 """
 
 from __future__ import annotations
@@ -11,9 +15,12 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import queue
+import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from contextlib import closing
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -98,22 +105,30 @@ def ingest_catalog(
     report_path: Path | None = None,
     console: Console | None = None,
     batch_size: int | None = None,
+    pipelined: bool = True,
 ) -> IngestReport:
     """Upsert every valid row of `catalog` into `index`'s collection and build the HNSW index.
 
     Rows already rejected while reading the catalog and rows whose image cannot be decoded are
     reported (in the returned report and, when any, in `report_path` as CSV); the rest goes on.
+    With `pipelined` (the default) one reader thread reads, hashes, checks and decodes the next
+    batches while this thread encodes and upserts; the stored result is the same either way.
     """
     started = time.perf_counter()
     index.ensure_collection()
     report = IngestReport(rows_read=catalog.rows_read, rejections=list(catalog.rejections))
     batch_size = batch_size or index.settings.batch_size
     console = console or Console(stderr=True)
-    with _progress(console) as progress:
+    store_lock = threading.Lock()
+    batches = (_read_batch(index, rows, store_lock) for rows in _batches(catalog.rows, batch_size))
+    with (
+        _progress(console) as progress,
+        closing(_read_ahead(batches) if pipelined else batches) as ready,
+    ):
         task = progress.add_task("ingest", total=len(catalog.rows))
-        for batch in _batches(catalog.rows, batch_size):
-            _ingest_batch(index, batch, report)
-            progress.advance(task, len(batch))
+        for batch in ready:
+            _store_batch(index, batch, report, store_lock)
+            progress.advance(task, batch.rows)
             if not console.is_terminal:  # logs and pipes get one line per batch instead of a bar
                 done = int(progress.tasks[0].completed)
                 rate = done / (time.perf_counter() - started)
@@ -155,7 +170,20 @@ def _batches(rows: Sequence[CatalogRow], size: int) -> Iterator[Sequence[Catalog
         yield rows[start : start + size]
 
 
-def _ingest_batch(index: Index, rows: Sequence[CatalogRow], report: IngestReport) -> None:
+@dataclass
+class _ReadBatch:
+    """One batch of catalog rows read, hashed, checked against the store and decoded: all the
+    work before encoding, which the reader thread does ahead of the encoding thread."""
+
+    rows: int
+    items: list[_Prepared]
+    inputs: list[EncoderInput]
+    unchanged: int
+    rejections: list[Rejection]
+
+
+def _read_batch(index: Index, rows: Sequence[CatalogRow], store_lock: threading.Lock) -> _ReadBatch:
+    rejections: list[Rejection] = []
     prepared: list[_Prepared] = []
     for row in rows:
         try:
@@ -163,20 +191,18 @@ def _ingest_batch(index: Index, rows: Sequence[CatalogRow], report: IngestReport
                 row.image_path.read_bytes() if row.image_path else None
             )
         except OSError as exc:
-            report.rejections.append(
+            rejections.append(
                 Rejection(row.row, row.product_id, "image", f"cannot read image: {exc.strerror}")
             )
             continue
         prepared.append(_Prepared(row, content_hash(row, image_bytes), image_bytes))
 
-    stored = {
-        p.point_id: p.payload.get("content_hash")
-        for p in index.store.retrieve(
+    with store_lock:
+        found = index.store.retrieve(
             index.collection, [point_id(p.row.product_id) for p in prepared]
         )
-    }
+    stored = {p.point_id: p.payload.get("content_hash") for p in found}
     changed = [p for p in prepared if stored.get(point_id(p.row.product_id)) != p.content_hash]
-    report.unchanged += len(prepared) - len(changed)
 
     inputs: list[EncoderInput] = []
     kept: list[_Prepared] = []
@@ -184,19 +210,73 @@ def _ingest_batch(index: Index, rows: Sequence[CatalogRow], report: IngestReport
         try:
             inputs.append(_encoder_input(item, index.settings.max_image_pixels))
         except ImageError as exc:
-            report.rejections.append(
-                Rejection(item.row.row, item.row.product_id, "image", str(exc))
-            )
+            rejections.append(Rejection(item.row.row, item.row.product_id, "image", str(exc)))
             continue
         kept.append(item)
+    # Crop images for the network here; then only the crops are kept (a batch of full-size
+    # photos would hold gigabytes while it waits in the queue). The phash is computed already.
+    inputs = [
+        replace(given, image=None) if given.pixels is not None else given
+        for given in index.encoders.prepare(inputs)
+    ]
+    return _ReadBatch(len(rows), kept, inputs, len(prepared) - len(changed), rejections)
 
-    vectors = index.encoders.encode(inputs)
+
+def _store_batch(
+    index: Index, batch: _ReadBatch, report: IngestReport, store_lock: threading.Lock
+) -> None:
+    vectors = index.encoders.encode(batch.inputs)
     points = [
         PointRecord(point_id(item.row.product_id), item_vectors, _payload(item, given.phash))
-        for item, given, item_vectors in zip(kept, inputs, vectors, strict=True)
+        for item, given, item_vectors in zip(batch.items, batch.inputs, vectors, strict=True)
     ]
-    index.store.upsert(index.collection, points)
+    with store_lock:
+        index.store.upsert(index.collection, points)
     report.upserted += len(points)
+    report.unchanged += batch.unchanged
+    report.rejections += batch.rejections
+
+
+_DONE = object()
+
+
+def _read_ahead(batches: Iterator[_ReadBatch], depth: int = 2) -> Iterator[_ReadBatch]:
+    """Yield `batches`, produced by a reader thread up to `depth` batches ahead.
+
+    The bounded queue keeps memory flat when encoding is the slower side. An error in the
+    reader is raised here; closing this generator stops the reader.
+    """
+    ready: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def hand_over(value: object) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(value, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def read() -> None:
+        try:
+            for batch in batches:
+                if not hand_over(batch):
+                    return
+            hand_over(_DONE)
+        except BaseException as exc:  # re-raised in the encoding thread
+            hand_over(exc)
+
+    reader = threading.Thread(target=read, name="prodsearch-ingest-reader", daemon=True)
+    reader.start()
+    try:
+        while (value := ready.get()) is not _DONE:
+            if isinstance(value, BaseException):
+                raise value
+            yield value
+    finally:
+        stop.set()
+        reader.join()
 
 
 def _encoder_input(item: _Prepared, max_pixels: int) -> EncoderInput:

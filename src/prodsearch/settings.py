@@ -178,3 +178,25 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         toml_file = Path(os.environ.get(SETTINGS_FILE_ENV, DEFAULT_SETTINGS_FILE))
         return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file))
+
+    # How the neural encoders run (issue 7). None of these changes an encoder's identity: a
+    # collection written under one backend is queried under the other.
+    backend: Literal["torch", "onnx"] = Field(
+        "onnx", description="Run the neural encoders in ONNX Runtime or in torch."
+    )
+    onnx_precision: Literal["auto", "fp32", "int8"] = Field(
+        "auto",
+        description="ONNX variant; auto = per encoder, the fastest one whose mean cosine to "
+        "torch is >= 0.99 (benchmarks/bench_encoders.py).",
+    )
+    onnx_threads: int | None = Field(
+        None, ge=1, description="ONNX Runtime intra-op threads; None = every available core."
+    )
+    cache_dir: Path = Field(
+        Path("~/.cache/prodsearch"), description="Where the exported ONNX models are cached."
+    )
+    calibration_images: Path | None = Field(
+        None,
+        description="A folder of product photos to calibrate the int8 image graph with; "
+        "None = the Grocery Store train photos or the sample catalog's, when present.",
+    )

@@ -16,6 +16,7 @@ from prodsearch.encoders.charcnn import CharCNNEncoder, shipped_weights
 from prodsearch.encoders.chars import CharsEncoder
 from prodsearch.encoders.image import ImageEncoder, shipped_head
 from prodsearch.encoders.phash import PhashEncoder, compute_phash
+from prodsearch.encoders.runtime import InferenceOptions
 from prodsearch.encoders.text import TextEncoder, shipped_adapter
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "EncoderInput",
     "EncoderSet",
     "ImageEncoder",
+    "InferenceOptions",
     "PhashEncoder",
     "SparseVec",
     "TextEncoder",
@@ -41,36 +43,47 @@ class EncoderSet:
     encoders: dict[str, Encoder]
 
     @classmethod
-    def default(cls, text_max_tokens: int = 64) -> EncoderSet:
-        """Return the shipped fine-tuned encoders (those whose artefacts are in the package)."""
+    def default(
+        cls, text_max_tokens: int = 64, inference: InferenceOptions | None = None
+    ) -> EncoderSet:
+        """Return the shipped fine-tuned encoders (those whose artefacts are in the package),
+        run as `inference` says (default: the settings' backend)."""
+        inference = inference or InferenceOptions.from_settings()
         encoders: list[Encoder] = [
-            TextEncoder(max_tokens=text_max_tokens, adapter=shipped_adapter()),
+            TextEncoder(max_tokens=text_max_tokens, adapter=shipped_adapter(), inference=inference),
             CharsEncoder(),
-            ImageEncoder(head=shipped_head()),
+            ImageEncoder(head=shipped_head(), inference=inference),
             PhashEncoder(),
         ]
         weights = shipped_weights()
         if weights is not None:
-            encoders.insert(2, CharCNNEncoder(weights))
+            encoders.insert(2, CharCNNEncoder(weights, inference=inference))
         return cls({e.modality: e for e in encoders})
 
     @classmethod
-    def pretrained(cls, text_max_tokens: int = 64) -> EncoderSet:
-        """Return the pretrained encoders the fine-tuned ones start from (no char-CNN)."""
+    def pretrained(
+        cls, text_max_tokens: int = 64, inference: InferenceOptions | None = None
+    ) -> EncoderSet:
+        """Return the pretrained encoders the fine-tuned ones start from (no char-CNN), run as
+        `inference` says (default: the settings' backend)."""
+        inference = inference or InferenceOptions.from_settings()
         encoders = (
-            TextEncoder(max_tokens=text_max_tokens),
+            TextEncoder(max_tokens=text_max_tokens, inference=inference),
             CharsEncoder(),
-            ImageEncoder(),
+            ImageEncoder(inference=inference),
             PhashEncoder(),
         )
         return cls({e.modality: e for e in encoders})
 
     @classmethod
-    def from_settings(cls, choice: str, text_max_tokens: int = 64) -> EncoderSet:
-        """Return the encoder set a settings value names ("finetuned" or "pretrained")."""
+    def from_settings(
+        cls, choice: str, text_max_tokens: int = 64, inference: InferenceOptions | None = None
+    ) -> EncoderSet:
+        """Return the encoder set a settings value names ("finetuned" or "pretrained"), run as
+        `inference` says (default: the settings' backend, e.g. PRODSEARCH_BACKEND=torch)."""
         if choice == "pretrained":
-            return cls.pretrained(text_max_tokens)
-        return cls.default(text_max_tokens)
+            return cls.pretrained(text_max_tokens, inference)
+        return cls.default(text_max_tokens, inference)
 
     def __iter__(self) -> Iterator[Encoder]:
         return iter(self.encoders.values())
@@ -81,6 +94,14 @@ class EncoderSet:
     def identities(self) -> dict[str, EncoderIdentity]:
         """Return each encoder's identity, keyed by vector name."""
         return {name: encoder.identity() for name, encoder in self.encoders.items()}
+
+    def prepare(self, items: Sequence[EncoderInput]) -> list[EncoderInput]:
+        """Return `items` with every encoder's CPU-side input work done (image cropping), so it
+        can run on another thread than `encode`; the vectors are the same either way."""
+        prepared = list(items)
+        for encoder in self.encoders.values():
+            prepared = encoder.prepare(prepared)
+        return prepared
 
     def encode(self, items: Sequence[EncoderInput]) -> list[dict[str, Vector]]:
         """Return, per item, its vectors keyed by vector name (missing inputs leave gaps)."""

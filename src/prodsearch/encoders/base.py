@@ -34,6 +34,9 @@ class EncoderInput:
     title: str | None = None
     image: Image.Image | None = None
     phash: str | None = None
+    #: the image already cropped to the image encoder's input (uint8, height x width x 3), set
+    #: by `Encoder.prepare` so that work can run on another thread than the encoding
+    pixels: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,11 @@ class Encoder(ABC):
     @abstractmethod
     def encode(self, items: Sequence[EncoderInput]) -> list[Vector | None]:
         """Return one vector per item, None where the item lacks this encoder's input."""
+
+    def prepare(self, items: Sequence[EncoderInput]) -> list[EncoderInput]:
+        """Return `items` with this encoder's CPU-side input work done ahead of `encode` (for
+        ingest's reader thread); `encode` gives the same vectors either way. Default: none."""
+        return list(items)
 
 
 @lru_cache(maxsize=32)

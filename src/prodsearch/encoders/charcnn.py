@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 
 from prodsearch.encoders.base import (
-    Encoder,
     EncoderIdentity,
     EncoderInput,
     Vector,
@@ -25,6 +24,7 @@ from prodsearch.encoders.base import (
     indices_of,
     scatter,
 )
+from prodsearch.encoders.runtime import InferenceOptions, NeuralEncoder, export_module
 
 MAX_BYTES = 128
 DIM = 256
@@ -58,6 +58,8 @@ def build_network(dim: int = DIM, embedding: int = 48, channels: int = 256) -> A
             self.conv2 = nn.Conv1d(channels, channels, 3, padding=2, dilation=2)
             self.conv3 = nn.Conv1d(channels, channels, 3, padding=4, dilation=4)
             self.project = nn.Linear(2 * channels, dim)
+            # A normalised neck keeps ArcFace training from scratch from collapsing.
+            self.neck_norm = nn.BatchNorm1d(dim)
 
         def forward(self, ids: torch.Tensor) -> torch.Tensor:
             mask = (ids > 0).unsqueeze(1).to(torch.float32)
@@ -66,21 +68,30 @@ def build_network(dim: int = DIM, embedding: int = 48, channels: int = 256) -> A
             x = (x + nn.functional.gelu(self.conv3(x))) * mask
             longest = (x + (mask - 1) * 1e4).amax(dim=2)
             mean = x.sum(dim=2) / mask.sum(dim=2).clamp(min=1)
-            return nn.functional.normalize(self.project(torch.cat([longest, mean], 1)), dim=1)
+            projected = self.neck_norm(self.project(torch.cat([longest, mean], 1)))
+            return nn.functional.normalize(projected, dim=1)
 
     return CharCNN()
 
 
-class CharCNNEncoder(Encoder):
-    """The trained char-CNN (see the module docstring); dense 256-d, cosine."""
+class CharCNNEncoder(NeuralEncoder):
+    """The trained char-CNN (see the module docstring); dense 256-d, cosine. Runs in torch or
+    ONNX Runtime, as `inference` says (default: the settings)."""
 
     modality = "charcnn"
     dim = DIM
     distance = "cosine"
+    # Dynamic int8 turns the convolutions into ConvInteger, several times slower than fp32 here
+    # (benchmarks/bench_encoders.py), so fp32 it is.
+    auto_precision = "fp32"
+    torch_attributes = ("network",)
 
-    def __init__(self, weights: Path, batch_size: int = 256) -> None:
+    def __init__(
+        self, weights: Path, batch_size: int = 256, inference: InferenceOptions | None = None
+    ) -> None:
         self.weights = weights
         self.batch_size = batch_size
+        self.inference = inference or InferenceOptions.from_settings()
 
     def identity(self) -> EncoderIdentity:
         """Return the architecture and the trained weights' hash."""
@@ -100,19 +111,27 @@ class CharCNNEncoder(Encoder):
         network.load_state_dict({k: v.float() for k, v in load_file(str(self.weights)).items()})
         return network.eval()
 
-    def encode_titles(self, titles: Sequence[str]) -> np.ndarray:
-        """Return an (n, 256) float32 array of L2-normalised title vectors."""
+    def export_onnx(self, path: Path) -> None:
+        """Write the network (input `ids`: (batch, MAX_BYTES) int64 from `byte_ids`; output
+        (batch, 256), L2-normalised) to `path`."""
         import torch
 
+        example = torch.ones((2, MAX_BYTES), dtype=torch.int64)
+        export_module(self.network, (example,), path, ["ids"], {"ids": {0: "batch"}})
+
+    def encode_titles(self, titles: Sequence[str]) -> np.ndarray:
+        """Return an (n, 256) float32 array of L2-normalised title vectors."""
         if not titles:
             return np.zeros((0, DIM), dtype=np.float32)
-        ids = torch.from_numpy(byte_ids(titles))
+        ids = byte_ids(titles)
+        batches = [ids[i : i + self.batch_size] for i in range(0, len(ids), self.batch_size)]
+        if self.inference.backend == "onnx":
+            return np.concatenate([self.run_onnx({"ids": batch}) for batch in batches])
+        import torch
+
         with torch.inference_mode():
             return np.concatenate(
-                [
-                    self.network(ids[i : i + self.batch_size]).numpy()
-                    for i in range(0, len(ids), self.batch_size)
-                ]
+                [self.network(torch.from_numpy(batch)).numpy() for batch in batches]
             ).astype(np.float32)
 
     def encode(self, items: Sequence[EncoderInput]) -> list[Vector | None]:

@@ -1,0 +1,109 @@
+"""Ingest benchmark: sequential vs pipelined ingest (reader thread), per backend, one run.
+
+    .venv/bin/python benchmarks/bench_ingest.py [--data ../shared/data] [--rows 5000] [--no-torch]
+
+Prints a markdown table on stdout (progress on stderr): products/s end to end (read, decode,
+encode, upsert into a fresh Qdrant Edge store, HNSW build) for a slice of the Shopee `test`
+split (titles + image_phash) and the Grocery Store packaged-product photos (1,776 JPEGs). The
+encoders are loaded and their ONNX files built before any timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+from bench_pipeline import QUIET, grocery_catalog, shopee_test_catalog, table
+from rich.console import Console
+
+from prodsearch.catalog import Catalog, read_catalog
+from prodsearch.encoders import EncoderInput, EncoderSet, InferenceOptions
+from prodsearch.index import Index
+from prodsearch.ingest import ingest_catalog
+from prodsearch.recipes import load_recipe
+from prodsearch.settings import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def warm(encoders: EncoderSet) -> None:
+    """Load every encoder (and build its ONNX file) so ingest timings exclude it."""
+    from PIL import Image
+
+    encoders.encode([EncoderInput(title="warm up", image=Image.new("RGB", (256, 256)))])
+
+
+def bench(
+    label: str, backend: str, encoders: EncoderSet, catalog: Catalog, workdir: Path
+) -> list[str]:
+    """Ingest `catalog` sequentially and pipelined into fresh stores; one table row each."""
+    rows = []
+    for pipelined in (False, True):
+        store = workdir / f"{label}-{backend}-{pipelined}".replace(" ", "_")
+        with Index(str(store), "products", Settings(), encoders) as index:
+            start = time.perf_counter()
+            report = ingest_catalog(index, catalog, console=QUIET, pipelined=pipelined)
+            seconds = time.perf_counter() - start
+        rows.append(
+            [
+                label,
+                backend,
+                "pipelined" if pipelined else "sequential",
+                f"{report.upserted:,}",
+                f"{seconds:.1f}",
+                f"{report.upserted / seconds:,.0f}",
+            ]
+        )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
+    parser.add_argument("--rows", type=int, default=5000)
+    parser.add_argument("--photos", type=int, default=None, help="only the first N photos")
+    parser.add_argument("--no-torch", action="store_true", help="ONNX Runtime only")
+    args = parser.parse_args()
+    log = Console(stderr=True)
+    workdir = Path(tempfile.mkdtemp(prefix="prodsearch-bench-ingest-"))
+    load_before = os.getloadavg()[0]
+
+    shopee_csv = shopee_test_catalog(args.data, workdir)
+    pd.read_csv(shopee_csv).head(args.rows).to_csv(shopee_csv, index=False)
+    grocery_csv = grocery_catalog(args.data, workdir)
+    pd.read_csv(grocery_csv).head(args.photos).to_csv(grocery_csv, index=False)
+    catalogs = {
+        f"Shopee test, first {args.rows:,} rows (titles + phash)": read_catalog(
+            shopee_csv, load_recipe("shopee")
+        ),
+        "Grocery Packages photos (images + phash)": read_catalog(
+            grocery_csv,
+            load_recipe("generic"),
+            images_dir=args.data / "grocery_store",
+        ),
+    }
+    backends = ["onnx"] if args.no_torch else ["onnx", "torch"]
+    rows = []
+    for backend in backends:
+        encoders = EncoderSet.default(inference=InferenceOptions(backend=backend))  # type: ignore[arg-type]
+        warm(encoders)
+        for label, catalog in catalogs.items():
+            log.print(f"ingest: {label}, {backend}")
+            rows += bench(label, backend, encoders, catalog, workdir)
+
+    print(
+        f"## Ingest, sequential vs pipelined (end to end into Qdrant Edge; load average "
+        f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after)\n"
+    )
+    header = ["catalog", "backend", "ingest", "products", "seconds", "products/s"]
+    print(table(header, sorted(rows, key=lambda r: (r[0], r[1] != "onnx"))))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
