@@ -114,4 +114,6 @@ def test_both_backends_return_the_same_matches(tmp_path, encoders, shopee_csv) -
         edge_scores = {m.product_id: m.scores for m in edge}
         for m in client:
             for modality, score in m.scores.items():
-                assert edge_scores[m.product_id][modality] == pytest.approx(score, abs=1e-4)
+                # Edge stores float16 by default, local mode float32: rounding both vectors to
+                # float16 (unit roundoff 2**-11) moves a cosine by up to ~2**-10.
+                assert edge_scores[m.product_id][modality] == pytest.approx(score, abs=1e-3)

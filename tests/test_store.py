@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from qdrant_client import models
 
 from prodsearch.encoders.base import SparseVec
 from prodsearch.errors import CollectionNotFoundError, EncoderMismatchError
@@ -20,6 +21,8 @@ from prodsearch.store import (
     open_store,
     point_id,
 )
+from prodsearch.store.client import ClientStore
+from prodsearch.store.edge import EdgeStore
 
 MANIFEST = Manifest(
     vectors={
@@ -163,13 +166,79 @@ def test_score_batch_returns_exact_engine_scores(filled: Store) -> None:
     text = query.prefetches[0]
     (scores,) = filled.score_batch("products", [ScoreRequest("text", text.vector, ids)])
     stored = {p.point_id: p.vectors["text"] for p in filled.retrieve("products", ids, True)}
+    query = _as_engine_query(filled, text.vector)
     for pid, score in scores.items():
-        assert score == pytest.approx(float(stored[pid] @ text.vector), abs=1e-5)
+        assert score == pytest.approx(float(stored[pid] @ query), abs=1e-5)
     assert filled.score_batch("products", [ScoreRequest("text", text.vector, ())]) == [{}]
 
 
+def _stores_float16(store: Store) -> bool:
+    """True when the engine really keeps dense vectors as float16 (local mode keeps float32)."""
+    if isinstance(store, ClientStore) and not store.location.startswith("http"):
+        return False
+    return getattr(store, "dense_datatype", "float32") == "float16"
+
+
+def _as_engine_query(store: Store, vector: np.ndarray) -> np.ndarray:
+    """The query as a float16 engine scores it: rounded to float16 (after normalising a cosine
+    query; the test's text query is already a unit vector)."""
+    if not _stores_float16(store):
+        return vector
+    return vector.astype(np.float16).astype(np.float32)
+
+
+def test_dense_vectors_are_stored_as_float16_by_default(store: Store) -> None:
+    store.create_collection("products", MANIFEST)
+    store.upsert("products", _points())
+    (stored,) = store.retrieve("products", [point_id("p0")], with_vectors=True)
+    phash = _points()[0].vectors["phash"]  # a dot vector: stored as given, up to the datatype
+    if isinstance(store, EdgeStore):
+        assert store.dense_datatype == "float16"
+        assert np.array_equal(stored.vectors["phash"], phash.astype(np.float16).astype(np.float32))
+        assert not np.array_equal(stored.vectors["phash"], phash)
+    else:
+        assert isinstance(store, ClientStore)
+        vectors = store.client.get_collection("products").config.params.vectors
+        assert {n: v.datatype for n, v in vectors.items()} == {
+            "text": models.Datatype.FLOAT16,
+            "phash": models.Datatype.FLOAT16,
+        }
+
+
+def test_float32_storage_keeps_vectors_exactly(tmp_path) -> None:
+    with EdgeStore(tmp_path / "edge", dense_datatype="float32") as store:
+        store.create_collection("products", MANIFEST)
+        store.upsert("products", _points())
+        (stored,) = store.retrieve("products", [point_id("p0")], with_vectors=True)
+    assert np.array_equal(stored.vectors["phash"], _points()[0].vectors["phash"])
+
+
 def test_backends_are_congruent(tmp_path) -> None:
-    """The embedded engine and qdrant-client give the same ids and scores for the same queries."""
+    """The embedded engine and qdrant-client give the same ids and scores for the same queries.
+
+    Compared at float32 storage: qdrant-client's local mode ignores the datatype (it always
+    computes in float32), so only there can the two engines agree to the last digit.
+    """
+    results = {}
+    for name, store in (
+        ("edge", EdgeStore(tmp_path / "edge", dense_datatype="float32")),
+        ("client", ClientStore(dense_datatype="float32")),
+    ):
+        with store:
+            store.create_collection("products", MANIFEST)
+            store.upsert("products", _points())
+            store.build_index("products")
+            results[name] = store.query_batch("products", _queries())
+    for edge_hits, client_hits in zip(results["edge"], results["client"], strict=True):
+        assert edge_hits, "every query should find something"
+        # Equal fused scores (RRF ties) may come in either order: compare in (score, id) order.
+        assert _ranked(edge_hits) == _ranked(client_hits)
+
+
+def test_float16_engine_stays_congruent_within_float16_precision(tmp_path) -> None:
+    """The default (float16) engine against float32 arithmetic: the same hits, and scores that
+    differ by no more than float16 rounding of the stored and the query vectors allows
+    (unit roundoff 2**-11 on each: at most ~2**-10 on a cosine, 1e-3 here)."""
     results = {}
     for name, location in (("edge", str(tmp_path / "edge")), ("client", ":memory:")):
         with open_store(location) as store:
@@ -179,8 +248,10 @@ def test_backends_are_congruent(tmp_path) -> None:
             results[name] = store.query_batch("products", _queries())
     for edge_hits, client_hits in zip(results["edge"], results["client"], strict=True):
         assert edge_hits, "every query should find something"
-        # Equal fused scores (RRF ties) may come in either order: compare in (score, id) order.
-        assert _ranked(edge_hits) == _ranked(client_hits)
+        edge_scores = {h.point_id: h.score for h in edge_hits}
+        assert edge_scores.keys() == {h.point_id for h in client_hits}
+        for hit in client_hits:
+            assert edge_scores[hit.point_id] == pytest.approx(hit.score, abs=1e-3)
 
 
 def _ranked(hits) -> list[tuple[float, str]]:
