@@ -80,8 +80,8 @@ def peak_rss_gb() -> float:
 
 
 def disk_gb(path: Path) -> float:
-    """Bytes under `path`, in GB."""
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e9
+    """Disk space allocated under `path`, in GB (as `du`: the engine preallocates sparse files)."""
+    return sum(f.stat().st_blocks * 512 for f in path.rglob("*") if f.is_file()) / 1e9
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
