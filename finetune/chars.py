@@ -109,7 +109,8 @@ def train(
     )
     history: list[dict[str, Any]] = []
     best = -1.0
-    for epoch in range(1, config["epochs"] + 1):
+    # The learning rate decays over `epochs`; `train_epochs` may stop the run earlier (CPU budget).
+    for epoch in range(1, min(config["epochs"], config.get("train_epochs", config["epochs"])) + 1):
         network.train()
         indices = list(iter(sampler))
         losses = []

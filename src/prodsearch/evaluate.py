@@ -37,13 +37,13 @@ from prodsearch.recipes import load_recipe
 from prodsearch.settings import MODALITIES, Settings
 
 #: candidate-generation floors: well below any useful threshold
-FLOORS = {"text": 0.5, "chars": 0.15, "charcnn": 0.5, "image": 0.3, "phash": 0.5}
+FLOORS = {"text": 0.3, "chars": 0.15, "charcnn": 0.3, "image": 0.3, "phash": 0.5}
 #: a threshold no score reaches: the modality is off
 OFF = 9.0
 THRESHOLD_GRID = {
-    "text": np.round(np.arange(0.60, 0.981, 0.01), 3),
+    "text": np.round(np.arange(0.30, 0.981, 0.01), 3),  # ArcFace-tuned cosines run lower
     "chars": np.round(np.arange(0.20, 0.901, 0.01), 3),
-    "charcnn": np.round(np.arange(0.50, 0.981, 0.01), 3),
+    "charcnn": np.round(np.arange(0.30, 0.981, 0.01), 3),
     "image": np.round(np.arange(0.40, 0.981, 0.01), 3),
     "phash": np.round(1.0 - np.arange(0, 17) / 32.0, 5),  # Hamming 0..16
 }

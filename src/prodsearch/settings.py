@@ -65,9 +65,9 @@ class FormulaWeights(ModalityValues):
 class FormulaFloors(ModalityValues):
     """Per-modality prefetch thresholds under the formula fusion (candidate floors)."""
 
-    text: float = 0.5
+    text: float = 0.3
     chars: float = 0.15
-    charcnn: float = 0.5
+    charcnn: float = 0.3
     image: float = 0.3
     phash: float = 0.5
 
