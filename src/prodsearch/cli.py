@@ -251,7 +251,9 @@ def recipes() -> None:
 
 EncodersOption = Annotated[
     str | None,
-    typer.Option(help="finetuned (the shipped ArcFace encoders, default) or pretrained."),
+    typer.Option(
+        help="finetuned (the shipped ArcFace encoders, default), finetuned+charcnn or pretrained."
+    ),
 ]
 
 

@@ -45,21 +45,21 @@ class ModalityValues(BaseModel):
 class Thresholds(ModalityValues):
     """Per-modality prefetch score thresholds (RRF and DBSF fusion)."""
 
-    text: float = 0.76
-    chars: float = 0.36
-    charcnn: float = 0.8
+    text: float = 0.49
+    chars: float = 0.41
+    charcnn: float = 0.75
     image: float = 0.75
-    phash: float = 0.75
+    phash: float = 0.8125
 
 
 class FormulaWeights(ModalityValues):
     """Per-modality weights of the formula fusion."""
 
-    text: float = 0.5
+    text: float = 1.0
     chars: float = 1.0
     charcnn: float = 0.5
     image: float = 0.88
-    phash: float = 0.75
+    phash: float = 1.0
 
 
 class FormulaFloors(ModalityValues):
@@ -77,7 +77,7 @@ class FormulaSettings(BaseModel):
     missed the product) must reach `threshold`; prefetches keep candidates above `floors`."""
 
     weights: FormulaWeights = FormulaWeights()
-    threshold: float | None = 0.6587
+    threshold: float | None = 0.8142
     floors: FormulaFloors = FormulaFloors()
 
 
@@ -92,11 +92,15 @@ class SearchSettings(BaseModel):
 class DedupSettings(BaseModel):
     """Whole-catalog matching (`prodsearch dedup`): post-processing switches and knobs."""
 
-    blend_rounds: int = Field(0, ge=0, le=3, description="Neighbourhood-blending rounds.")
+    blend_rounds: int = Field(1, ge=0, le=3, description="Neighbourhood-blending rounds.")
     min2: bool = Field(True, description="A product left alone takes a close best neighbour.")
-    min2_threshold: float = Field(0.5, description="Formula score the min-2 neighbour must reach.")
+    min2_threshold: float = Field(0.22, description="Formula score the min-2 neighbour must reach.")
     max_cluster_size: int = Field(50, ge=1, description="No duplicate cluster grows past this.")
-    blended: SearchSettings = SearchSettings()
+    blended: SearchSettings = SearchSettings(
+        fusion="rrf",
+        thresholds=Thresholds(text=0.8, chars=0.64, phash=0.8125),
+        formula=FormulaSettings(weights=FormulaWeights(text=1.25, phash=1.5), threshold=1.3479),
+    )
 
 
 class Settings(BaseSettings):
@@ -118,16 +122,18 @@ class Settings(BaseSettings):
     thresholds: Thresholds = Field(
         Thresholds(), description="Per-modality prefetch score thresholds for RRF and DBSF."
     )
-    fusion: FusionName = "rrf"
+    # The tuned formula scored above RRF on val (and test); RRF and DBSF stay selectable.
+    fusion: FusionName = "formula"
     rrf_k: int = Field(2, ge=1)
     formula: FormulaSettings = FormulaSettings()
     dedup: DedupSettings = DedupSettings()
     hnsw_ef: int | None = Field(
         None, ge=1, description="HNSW search breadth; None = engine default."
     )
-    encoders: Literal["finetuned", "pretrained"] = Field(
+    encoders: Literal["finetuned", "finetuned+charcnn", "pretrained"] = Field(
         "finetuned",
-        description="The shipped ArcFace-fine-tuned encoders, or the pretrained ones.",
+        description="The shipped ArcFace-fine-tuned encoders (optionally with the char-CNN as "
+        "one more modality), or the pretrained ones.",
     )
     text_max_tokens: int = Field(64, ge=8, le=512)
     batch_size: int = Field(256, ge=1, le=10_000)

@@ -18,6 +18,7 @@ from prodsearch.encoders.image import ImageEncoder, shipped_head
 from prodsearch.encoders.phash import PhashEncoder, compute_phash
 from prodsearch.encoders.runtime import InferenceOptions
 from prodsearch.encoders.text import TextEncoder, shipped_adapter
+from prodsearch.errors import ConfigError
 
 __all__ = [
     "CharCNNEncoder",
@@ -44,10 +45,17 @@ class EncoderSet:
 
     @classmethod
     def default(
-        cls, text_max_tokens: int = 64, inference: InferenceOptions | None = None
+        cls,
+        text_max_tokens: int = 64,
+        inference: InferenceOptions | None = None,
+        with_charcnn: bool = False,
     ) -> EncoderSet:
         """Return the shipped fine-tuned encoders (those whose artefacts are in the package),
-        run as `inference` says (default: the settings' backend)."""
+        run as `inference` says (default: the settings' backend).
+
+        The ArcFace char-CNN joins only `with_charcnn`: fused with text, sparse chars and phash
+        it lowered Shopee test F1 (0.819 -> 0.809, README "Results"), so it is opt-in.
+        """
         inference = inference or InferenceOptions.from_settings()
         encoders: list[Encoder] = [
             TextEncoder(max_tokens=text_max_tokens, adapter=shipped_adapter(), inference=inference),
@@ -56,7 +64,9 @@ class EncoderSet:
             PhashEncoder(),
         ]
         weights = shipped_weights()
-        if weights is not None:
+        if with_charcnn:
+            if weights is None:
+                raise ConfigError("no char-CNN weights are shipped: run python -m finetune.chars")
             encoders.insert(2, CharCNNEncoder(weights, inference=inference))
         return cls({e.modality: e for e in encoders})
 
@@ -79,11 +89,12 @@ class EncoderSet:
     def from_settings(
         cls, choice: str, text_max_tokens: int = 64, inference: InferenceOptions | None = None
     ) -> EncoderSet:
-        """Return the encoder set a settings value names ("finetuned" or "pretrained"), run as
-        `inference` says (default: the settings' backend, e.g. PRODSEARCH_BACKEND=torch)."""
+        """Return the encoder set a settings value names ("finetuned", "finetuned+charcnn" or
+        "pretrained"), run as `inference` says (default: the settings' backend, e.g.
+        PRODSEARCH_BACKEND=torch)."""
         if choice == "pretrained":
             return cls.pretrained(text_max_tokens, inference)
-        return cls.default(text_max_tokens, inference)
+        return cls.default(text_max_tokens, inference, with_charcnn=choice == "finetuned+charcnn")
 
     def __iter__(self) -> Iterator[Encoder]:
         return iter(self.encoders.values())
