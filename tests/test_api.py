@@ -166,8 +166,10 @@ def test_concurrent_matches_equal_sequential_ones(client: TestClient) -> None:
         assert [m["product_id"] for m in one["matches"]] == [
             m["product_id"] for m in other["matches"]
         ]
+        # int8 text encoding quantizes activations per batch: batch neighbours move a title's
+        # vector a little (cosine > 0.99, tests/test_onnx.py), never its answer.
         for a, b in zip(one["matches"], other["matches"], strict=True):
-            assert a["scores"] == pytest.approx(b["scores"], abs=1e-4)
+            assert a["scores"] == pytest.approx(b["scores"], abs=0.02)
 
 
 @pytest.mark.parametrize(

@@ -35,7 +35,16 @@ def _same(a: dict, b: dict) -> bool:
             if not np.array_equal(vector.indices, other.indices):
                 return False
             vector, other = vector.values, other.values
-        if not np.allclose(vector, other, atol=1e-5):
+        if isinstance(a[name], SparseVec):
+            if not np.allclose(vector, other, atol=1e-5):
+                return False
+        # Dense: int8 text encoding quantizes activations per batch, so a title batched with
+        # others moves a little (cosine > 0.99, tests/test_onnx.py); another title's vector
+        # is far below that.
+        elif (
+            float(np.dot(vector, other)) / float(np.linalg.norm(vector) * np.linalg.norm(other))
+            < 0.99
+        ):
             return False
     return True
 

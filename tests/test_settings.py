@@ -22,7 +22,7 @@ def test_environment_overrides_file_overrides_defaults(tmp_path, monkeypatch) ->
     from_env = Settings()
     assert from_env.k == 3 and from_env.formula.threshold == 0.5
     assert Settings(k=12).k == 12
-    assert default.fusion == "formula"
+    assert default.fusion == "rrf"
 
 
 def test_partial_nested_overrides_keep_the_other_defaults(monkeypatch) -> None:

@@ -122,8 +122,11 @@ class Settings(BaseSettings):
     thresholds: Thresholds = Field(
         Thresholds(), description="Per-modality prefetch score thresholds for RRF and DBSF."
     )
-    # The tuned formula scored above RRF on val (and test); RRF and DBSF stay selectable.
-    fusion: FusionName = "formula"
+    # RRF: each modality fires on its own tuned threshold, so any subset of modalities (an
+    # image-only query, a catalog without photos) works. The formula scores higher on Shopee
+    # (README, "Results") but its one threshold is tuned for text + chars + phash together:
+    # `prodsearch eval --write-settings` selects it for such a catalog.
+    fusion: FusionName = "rrf"
     rrf_k: int = Field(2, ge=1)
     formula: FormulaSettings = FormulaSettings()
     dedup: DedupSettings = DedupSettings()
