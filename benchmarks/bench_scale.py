@@ -276,13 +276,15 @@ def run(args: argparse.Namespace) -> None:
         rss_end = peak_rss_gb()
     finally:
         store.close()
+        size_closed = disk_gb(root)
         if not args.dir:
             shutil.rmtree(root, ignore_errors=True)
 
     print(f"### bench_scale: N={n:,}, dense datatype {args.datatype}\n")
     print(
         f"upsert {n / upsert_time:,.0f} points/s (batches of {per_batch * VARIANTS}); "
-        f"build_index {build_s:.1f} s; disk {size:.2f} GB; peak RSS {rss_build:.2f} GB after the "
+        f"build_index {build_s:.1f} s; disk {size:.2f} GB open after the build, "
+        f"{size_closed:.2f} GB closed; peak RSS {rss_build:.2f} GB after the "
         f"build, {rss_end:.2f} GB at the end (start {rss_start:.2f} GB); exact fused query "
         f"{exact_ms:.1f} ms; RAYON_NUM_THREADS={os.environ.get('RAYON_NUM_THREADS')}\n"
     )
