@@ -14,6 +14,7 @@ import base64
 import binascii
 import hmac
 import json
+import re
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -26,7 +27,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import HTTPException, RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import APIKeyHeader
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from rich.console import Console
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -65,6 +66,10 @@ K_MAX = 1_000
 # Payload keys the API does not show: bookkeeping of ingest, not product data.
 HIDDEN_PAYLOAD_KEYS = frozenset({"content_hash"})
 _PHASH_PATTERN = r"^[0-9a-fA-F]{16}$"
+# A payload key the engine can filter on (Qdrant's JSON path): word characters and '-', or a
+# quoted key ("brand name"); '.' between levels, '[]' or '[n]' into arrays.
+_KEY_SEGMENT = r'(?:[\w-]+|"[^"]+")(?:\[\d*\])*'
+_FILTER_KEY = re.compile(rf"{_KEY_SEGMENT}(?:\.{_KEY_SEGMENT})*")
 _QUIET = Console(stderr=True, quiet=True)
 
 
@@ -95,6 +100,29 @@ class MatchRequest(BaseModel):
         '{"seller": {"not": "x"}}.',
     )
     exclude_ids: list[str] = Field([], max_length=K_MAX, description="Product ids to leave out.")
+
+    @field_validator("filter")
+    @classmethod
+    def _engine_can_filter(cls, spec: dict[str, Any] | None) -> dict[str, Any] | None:
+        """Refuse what the engine cannot filter on (it would fail mid-query): a key that is not a
+        payload path, equality with a number that is not an integer (only a range can), and a
+        list mixing strings and numbers."""
+        for key, rule in (spec or {}).items():
+            if not _FILTER_KEY.fullmatch(key):
+                raise ValueError(
+                    f"invalid filter key {key!r}: a payload key (letters, digits, '_' and '-'; "
+                    "'.' between levels) or one in double quotes"
+                )
+            given = rule.get("not") if isinstance(rule, dict) and set(rule) == {"not"} else rule
+            values = given if isinstance(given, list) else [given]
+            if any(isinstance(v, float) for v in values):
+                raise ValueError(
+                    f"filter on {key!r}: equality with a number that is not an integer; use a "
+                    f'range, e.g. {{"{key}": {{"gte": 2.5, "lte": 2.5}}}}'
+                )
+            if len({isinstance(v, str) for v in values}) > 1:
+                raise ValueError(f"filter on {key!r}: a list of strings or of integers, not both")
+        return spec
 
 
 class MatchOut(BaseModel):
