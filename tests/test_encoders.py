@@ -11,8 +11,11 @@ from prodsearch.encoders import CharsEncoder, EncoderInput, EncoderSet, PhashEnc
 from prodsearch.encoders.chars import bm25_idf
 from prodsearch.encoders.image import preprocess
 from prodsearch.encoders.phash import hamming_to_score, phash_vector
+from prodsearch.images import load_image
 
-from .conftest import DATA, SHOPEE, needs_shopee
+from .conftest import DATA, SAMPLE, SHOPEE, needs_shopee
+
+PHOTOS = ("Alpro-Blueberry-Soyghurt-5470.jpg", "Alpro-Fresh-Soy-Milk-1765.jpg")
 
 
 def _sparse_dot(a, b, idf=None) -> float:
@@ -106,11 +109,14 @@ def test_image_encoder_shapes_and_determinism(encoders: EncoderSet) -> None:
     assert preprocess(_drawing(0)).shape == (3, 224, 224)
     image = encoders["image"]
     first = image.encode_images([_drawing(0), _drawing(1)])
-    assert first.shape == (2, 1280)
+    # 512-d through the shipped ArcFace head (finetune/image.py), 1280-d ImageNet features without
+    assert first.shape == (2, image.dim) and image.dim == (512 if image.head else 1280)
     np.testing.assert_allclose(np.linalg.norm(first, axis=1), 1.0, atol=1e-5)
     np.testing.assert_allclose(image.encode_images([_drawing(0), _drawing(1)]), first, atol=1e-5)
-    flipped = image.encode_images([_drawing(0).transpose(Image.FLIP_LEFT_RIGHT)])[0]
-    assert first[0] @ flipped > first[0] @ first[1]
+    # On real photos: a mirrored photo stays closer to its original than another product's photo.
+    photos = [load_image(SAMPLE / "images" / name) for name in PHOTOS]
+    real = image.encode_images([*photos, photos[0].transpose(Image.FLIP_LEFT_RIGHT)])
+    assert real[0] @ real[2] > real[0] @ real[1]
 
 
 def test_encoder_set_leaves_gaps_for_missing_inputs(encoders: EncoderSet) -> None:
