@@ -3,13 +3,14 @@ validation F1, and the artefact manifest."""
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import math
 import random
 import time
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,3 +147,27 @@ def write_manifest(path: Path, **fields: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fields["written_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     path.write_text(json.dumps(fields, indent=2, default=str) + "\n")
+
+
+def run_recipe(
+    doc: str | None,
+    config: Path,
+    out: Path,
+    limit_flag: str,
+    train: Callable[[dict[str, Any], Path, Path, str, int | None], Any],
+) -> None:
+    """The command line every recipe shares: `--config --out --data --device --epochs` and a
+    slice flag (`limit_flag`, e.g. "--limit-groups"), then `train(config, out, data, device,
+    limit)`."""
+    parser = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", type=Path, default=config)
+    parser.add_argument("--out", type=Path, default=out)
+    parser.add_argument("--data", type=Path, default=DATA)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument(limit_flag, dest="limit", type=int, default=None)
+    parser.add_argument("--epochs", type=int, default=None)
+    args = parser.parse_args()
+    overrides = {"epochs": args.epochs} if args.epochs else {}
+    train(load_config(args.config, overrides), args.out, args.data, args.device, args.limit)

@@ -12,7 +12,6 @@ manifest beside it. Test photos are never read.
 
 from __future__ import annotations
 
-import argparse
 import random
 import sys
 import time
@@ -29,7 +28,7 @@ from finetune.common import (
     DATA,
     WarmupArcFace,
     file_sha256,
-    load_config,
+    run_recipe,
     seed_everything,
     write_manifest,
 )
@@ -286,18 +285,7 @@ def save(state: dict[str, torch.Tensor], out: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--config", type=Path, default=CONFIG)
-    parser.add_argument("--out", type=Path, default=SHIPPED_HEAD)
-    parser.add_argument("--data", type=Path, default=DATA)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--limit-photos", type=int, default=None)
-    parser.add_argument("--epochs", type=int, default=None)
-    args = parser.parse_args()
-    overrides = {"epochs": args.epochs} if args.epochs else {}
-    train(load_config(args.config, overrides), args.out, args.data, args.device, args.limit_photos)
+    run_recipe(__doc__, CONFIG, SHIPPED_HEAD, "--limit-photos", train)
 
 
 if __name__ == "__main__":

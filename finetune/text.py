@@ -10,7 +10,6 @@ per-epoch loss and val F1, time). The best epoch by val F1 is kept; test is neve
 
 from __future__ import annotations
 
-import argparse
 import random
 import sys
 import time
@@ -27,7 +26,7 @@ from finetune.common import (
     best_threshold_f1,
     cap_groups,
     file_sha256,
-    load_config,
+    run_recipe,
     seed_everything,
     shopee_split,
     write_manifest,
@@ -233,18 +232,7 @@ def train(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--config", type=Path, default=CONFIG)
-    parser.add_argument("--out", type=Path, default=SHIPPED_ADAPTER)
-    parser.add_argument("--data", type=Path, default=DATA)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--limit-groups", type=int, default=None)
-    parser.add_argument("--epochs", type=int, default=None)
-    args = parser.parse_args()
-    overrides = {"epochs": args.epochs} if args.epochs else {}
-    train(load_config(args.config, overrides), args.out, args.data, args.device, args.limit_groups)
+    run_recipe(__doc__, CONFIG, SHIPPED_ADAPTER, "--limit-groups", train)
 
 
 if __name__ == "__main__":
