@@ -111,7 +111,7 @@ def test_match_by_title(client: TestClient) -> None:
     assert top["payload"]["product"] == "Tropicana-Apple-Juice"
     assert "text" in top["matched_by"] and top["scores"]["text"] > 0.5
     assert top["product_id"] == top["payload"]["product_id"]
-    assert "content_hash" not in top["payload"]
+    assert "content_hash" not in top["payload"] and "image_path" not in top["payload"]
 
 
 def test_match_by_image_base64_and_upload_agree(client: TestClient) -> None:

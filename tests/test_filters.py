@@ -33,3 +33,25 @@ def test_cli_forms_and_errors() -> None:
         parse_cli_filters(["nonsense"])
     with pytest.raises(ConfigError, match="invalid filter"):
         FilterSpec.from_mapping({"price": {"between": 3}})
+
+
+@pytest.mark.parametrize(
+    ("items", "words"),
+    [
+        (["kind=2.5"], "use a range"),
+        (["kind!=0.5"], "use a range"),
+        (["brand name=Arla"], "invalid filter key 'brand name'"),
+    ],
+)
+def test_cli_filters_the_engine_cannot_run_are_refused(items: list[str], words: str) -> None:
+    with pytest.raises(ConfigError, match=words):
+        parse_cli_filters(items)
+
+
+def test_library_filters_the_engine_cannot_run_are_refused() -> None:
+    with pytest.raises(ConfigError, match="strings or of integers, not both"):
+        FilterSpec.from_mapping({"kind": ["catalogue", 1]})
+    with pytest.raises(ConfigError, match="use a range"):
+        FilterSpec.from_mapping({"kind": [0.5]})
+    spec = FilterSpec.from_mapping({'"brand name"': "Arla", "size.ml": 500, "on_sale": True})
+    assert spec is not None and {c.key for c in spec.must} == {'"brand name"', "size.ml", "on_sale"}

@@ -14,7 +14,6 @@ import base64
 import binascii
 import hmac
 import json
-import re
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -53,6 +52,7 @@ from prodsearch.errors import (
     StoreError,
     StoreLockedError,
 )
+from prodsearch.filters import FilterSpec
 from prodsearch.index import Index, Match
 from prodsearch.ingest import IngestReport, ingest_catalog
 from prodsearch.recipes import Recipe
@@ -63,13 +63,10 @@ from prodsearch.store import open_store, point_id
 #: the API's field names, used in rejection messages as a recipe's column names are for a CSV
 API_FIELDS = Recipe(id="id", title="title", image="image_base64", phash="image_phash")
 K_MAX = 1_000
-# Payload keys the API does not show: bookkeeping of ingest, not product data.
-HIDDEN_PAYLOAD_KEYS = frozenset({"content_hash"})
+# Payload keys the API does not show: bookkeeping of ingest, and the image's path on the
+# ingesting machine (a server file path is not for clients).
+HIDDEN_PAYLOAD_KEYS = frozenset({"content_hash", "image_path"})
 _PHASH_PATTERN = r"^[0-9a-fA-F]{16}$"
-# A payload key the engine can filter on (Qdrant's JSON path): word characters and '-', or a
-# quoted key ("brand name"); '.' between levels, '[]' or '[n]' into arrays.
-_KEY_SEGMENT = r'(?:[\w-]+|"[^"]+")(?:\[\d*\])*'
-_FILTER_KEY = re.compile(rf"{_KEY_SEGMENT}(?:\.{_KEY_SEGMENT})*")
 _QUIET = Console(stderr=True, quiet=True)
 
 
@@ -104,24 +101,11 @@ class MatchRequest(BaseModel):
     @field_validator("filter")
     @classmethod
     def _engine_can_filter(cls, spec: dict[str, Any] | None) -> dict[str, Any] | None:
-        """Refuse what the engine cannot filter on (it would fail mid-query): a key that is not a
-        payload path, equality with a number that is not an integer (only a range can), and a
-        list mixing strings and numbers."""
-        for key, rule in (spec or {}).items():
-            if not _FILTER_KEY.fullmatch(key):
-                raise ValueError(
-                    f"invalid filter key {key!r}: a payload key (letters, digits, '_' and '-'; "
-                    "'.' between levels) or one in double quotes"
-                )
-            given = rule.get("not") if isinstance(rule, dict) and set(rule) == {"not"} else rule
-            values = given if isinstance(given, list) else [given]
-            if any(isinstance(v, float) for v in values):
-                raise ValueError(
-                    f"filter on {key!r}: equality with a number that is not an integer; use a "
-                    f'range, e.g. {{"{key}": {{"gte": 2.5, "lte": 2.5}}}}'
-                )
-            if len({isinstance(v, str) for v in values}) > 1:
-                raise ValueError(f"filter on {key!r}: a list of strings or of integers, not both")
+        """Refuse a filter the engine cannot run (FilterSpec says why) before any work."""
+        try:
+            FilterSpec.from_mapping(spec)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from exc
         return spec
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -10,6 +11,11 @@ from pydantic import BaseModel, ConfigDict, model_validator
 from prodsearch.errors import ConfigError
 
 Scalar = str | int | float | bool
+
+# A payload key the engine can filter on: letters, digits, '_' and '-' (the engine's own set) or a
+# quoted key ("brand name"); '.' between levels, '[]' or '[n]' into arrays.
+_KEY_SEGMENT = r'(?:[\w-]+|"[^"]+")(?:\[\d*\])*'
+_FILTER_KEY = re.compile(rf"{_KEY_SEGMENT}(?:\.{_KEY_SEGMENT})*")
 
 
 class Range(BaseModel):
@@ -24,7 +30,12 @@ class Range(BaseModel):
 
 
 class Condition(BaseModel):
-    """One payload condition: equal to `value`, one of `any`, or within `range`."""
+    """One payload condition: equal to `value`, one of `any`, or within `range`.
+
+    Only what the engine can run is accepted (it would otherwise fail mid-query): a payload key,
+    equality with strings, integers or booleans (a non-integer number needs a range), and lists
+    of strings or of integers, not both.
+    """
 
     key: str
     value: Scalar | None = None
@@ -36,6 +47,19 @@ class Condition(BaseModel):
         given = [x is not None for x in (self.value, self.any, self.range)]
         if sum(given) != 1:
             raise ValueError(f"condition on {self.key!r} needs exactly one of value, any, range")
+        if not _FILTER_KEY.fullmatch(self.key):
+            raise ValueError(
+                f"invalid filter key {self.key!r}: a payload key (letters, digits, '_' and '-'; "
+                "'.' between levels) or one in double quotes"
+            )
+        values = self.any if self.any is not None else [self.value]
+        if any(isinstance(v, float) for v in values):
+            raise ValueError(
+                f"filter on {self.key!r}: equality with a number that is not an integer; use a "
+                f'range, e.g. {{"{self.key}": {{"gte": 2.5, "lte": 2.5}}}}'
+            )
+        if self.any is not None and len({isinstance(v, str) for v in values}) > 1:
+            raise ValueError(f"filter on {self.key!r}: a list of strings or of integers, not both")
         return self
 
 
