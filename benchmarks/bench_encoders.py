@@ -55,6 +55,18 @@ def best_of(call: Callable[[], object], repeat: int) -> float:
     return statistics.median(times)
 
 
+#: FLOPs per item (MODELS.md, FlopCounterMode): MiniLM at the median title (19 tokens), Lite0 at 224
+TITLE_GFLOP = 0.404
+IMAGE_GFLOP = 0.768
+
+
+def fp32_gemm_gflops() -> float:
+    """This machine's fp32 matrix-multiply rate (1024 x 1024, numpy's BLAS, all cores), GFLOP/s:
+    the yardstick for what an encoder could reach here."""
+    a = np.random.default_rng(0).random((1024, 1024), dtype=np.float32)
+    return 2 * 1024**3 / best_of(lambda: a @ a, 20) / 1e9
+
+
 def charcnn_weights(workdir: Path) -> tuple[Path, str]:
     """The shipped char-CNN weights, or a seeded untrained network's (and a label saying so)."""
     shipped = shipped_weights()
@@ -149,6 +161,7 @@ def main() -> None:
                 ]
             )
 
+    peak = fp32_gemm_gflops()
     rows.sort(key=lambda r: [labels["text"], labels["charcnn"], labels["image"]].index(r[0]))
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     print(
@@ -162,6 +175,11 @@ def main() -> None:
     print("|" + "---|" * (len(header) + 1))
     for row in rows:
         print("| " + " | ".join(row) + " |")
+    print(
+        f"\nThis machine's fp32 GEMM rate: {peak:,.0f} GFLOP/s, so at 100 % of it about "
+        f"{peak / TITLE_GFLOP:,.0f} titles/s (19 tokens) or {peak / IMAGE_GFLOP:,.0f} images/s in "
+        "fp32 (MODELS.md measured 530 GFLOP/s on its AVX-512 VNNI machine)."
+    )
     sys.stdout.flush()
 
 
