@@ -234,7 +234,10 @@ def run(args: argparse.Namespace) -> None:
         ]
         truth = [{point_id(f"s{p}-{v}") for v in range(VARIANTS)} for p in picks]
 
-        base = Index(store, COLLECTION, Settings(), EncoderSet({}))
+        settings = Settings(
+            sparse_query_terms=args.sparse_query_terms, sparse_candidates=args.sparse_candidates
+        )
+        base = Index(store, COLLECTION, settings, EncoderSet({}))
         base.check_encoders()
         thresholds = base._thresholds(None, base.settings.fusion)
 
@@ -308,7 +311,13 @@ def run(args: argparse.Namespace) -> None:
         if not args.dir:
             shutil.rmtree(root, ignore_errors=True)
 
-    print(f"### bench_scale: N={n:,}, dense datatype {args.datatype}\n")
+    sparse = (
+        f"chars candidates from the query's {args.sparse_query_terms} heaviest terms "
+        f"(top {args.sparse_candidates}), rescored with the whole query"
+        if args.sparse_query_terms
+        else "chars searched with the whole query"
+    )
+    print(f"### bench_scale: N={n:,}, dense datatype {args.datatype}; {sparse}\n")
     print(
         f"upsert {n / upsert_time:,.0f} points/s (batches of {per_batch * VARIANTS}); "
         f"build_index {build_s:.1f} s; disk {size:.2f} GB open after the build, "
@@ -354,6 +363,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--batch", type=int, default=1_000, help="points per upsert")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--sparse-query-terms",
+        type=int,
+        default=None,
+        help="find chars candidates with the query's N heaviest terms, then rescore (settings)",
+    )
+    parser.add_argument("--sparse-candidates", type=int, default=200)
     parser.add_argument("--dir", help="build the store here and keep it (default: temporary)")
     run(parser.parse_args(argv))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -117,3 +118,35 @@ def test_both_backends_return_the_same_matches(tmp_path, encoders, shopee_csv) -
                 # Edge stores float16 by default, local mode float32: rounding both vectors to
                 # float16 (unit roundoff 2**-11) moves a cosine by up to ~2**-10.
                 assert edge_scores[m.product_id][modality] == pytest.approx(score, abs=1e-3)
+
+
+@needs_shopee
+def test_cut_sparse_query_keeps_the_whole_query_scores(encoders, shopee_csv, tmp_path) -> None:
+    """sparse_query_terms: chars candidates come from the query's heaviest terms, and every
+    hit still carries (and passed the threshold on) the whole query's score."""
+    frame = pd.read_csv(shopee_csv)
+    with _index(str(tmp_path / "store"), encoders, shopee_csv, "shopee") as index:
+        cut = index.with_settings(sparse_query_terms=12, sparse_candidates=20)
+        vectors = index.encode_query(frame["title"][3])
+        query = cut._fused_query(vectors, cut._thresholds(None, "rrf"), MatchOptions())
+        chars = next(p for p in query.prefetches if p.modality == "chars")
+        whole = vectors["chars"]
+        assert chars.vector is whole and chars.candidate_limit == 20
+        assert len(chars.candidates.indices) == 12 < len(whole.indices)
+        heaviest = set(whole.indices[np.argsort(-whole.values)[:12]].tolist())
+        assert set(chars.candidates.indices.tolist()) == heaviest
+        text = next(p for p in query.prefetches if p.modality == "text")
+        assert text.candidates is None  # dense vectors are searched whole
+        options = MatchOptions(k=20, modalities=["chars"])
+        for title in frame["title"].head(10):
+            plain = {
+                m.product_id: m.scores["chars"]
+                for m in index.match_vectors([index.encode_query(title)], options)[0]
+            }
+            found = cut.match_vectors([index.encode_query(title)], options)[0]
+            assert found, "the product itself is found from its rarest n-grams"
+            threshold = cut.settings.thresholds.chars
+            for m in found:
+                assert m.scores["chars"] >= threshold
+                if m.product_id in plain:
+                    assert m.scores["chars"] == pytest.approx(plain[m.product_id], abs=1e-4)

@@ -172,6 +172,28 @@ def test_score_batch_returns_exact_engine_scores(filled: Store) -> None:
     assert filled.score_batch("products", [ScoreRequest("text", text.vector, ())]) == [{}]
 
 
+def test_candidates_are_rescored_with_the_whole_query(filled: Store) -> None:
+    """A prefetch that finds candidates with a cut query keeps the whole query's scores and
+    threshold: its hits are the whole query's hits among those candidates, scored the same."""
+    chars = SparseVec(
+        np.arange(0, 50, 2, dtype=np.int64), np.linspace(1, 0.1, 25, dtype=np.float32)
+    )
+    cut = SparseVec(chars.indices[:3], chars.values[:3])
+    whole = ModalityQuery("chars", chars, 0.2, 30)
+    two_stage = ModalityQuery("chars", chars, 0.2, 30, candidates=cut, candidate_limit=4)
+    full, staged, cut_only = (
+        filled.query_batch("products", [FusedQuery((q,), Fusion("dbsf"), limit=30, exact=True)])[0]
+        for q in (whole, two_stage, ModalityQuery("chars", cut, None, 4))
+    )
+    assert len(cut_only) == 4 and 0 < len(staged) <= 4 < len(full)
+    assert {h.point_id for h in staged} <= {h.point_id for h in cut_only}
+    (whole_scores,) = filled.score_batch(
+        "products", [ScoreRequest("chars", chars, tuple(h.point_id for h in cut_only))]
+    )
+    kept = {h.point_id for h in cut_only if whole_scores[h.point_id] >= 0.2}
+    assert {h.point_id for h in staged} == kept
+
+
 def _stores_float16(store: Store) -> bool:
     """True when the engine really keeps dense vectors as float16 (local mode keeps float32)."""
     if isinstance(store, ClientStore) and not store.location.startswith("http"):

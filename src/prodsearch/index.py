@@ -12,9 +12,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from pydantic import BaseModel
 
-from prodsearch.encoders import EncoderInput, EncoderSet, Vector
+from prodsearch.encoders import EncoderInput, EncoderSet, SparseVec, Vector
 from prodsearch.encoders.phash import compute_phash
 from prodsearch.errors import ConfigError
 from prodsearch.filters import FilterSpec
@@ -339,7 +340,13 @@ class Index:
     ) -> FusedQuery:
         settings = self.settings
         prefetches = tuple(
-            ModalityQuery(m, vectors[m], thresholds[m], settings.prefetch_limit)
+            ModalityQuery(
+                m,
+                vectors[m],
+                thresholds[m],
+                settings.prefetch_limit,
+                *self._sparse_candidates(vectors[m]),
+            )
             for m in MODALITIES
             if m in vectors
         )
@@ -359,6 +366,16 @@ class Index:
             exclude_point_ids=tuple(point_id(p) for p in options.exclude_ids),
             hnsw_ef=settings.hnsw_ef,
         )
+
+    def _sparse_candidates(self, vector: Vector) -> tuple[Vector | None, int]:
+        """The cut query and candidate count of a sparse vector with more terms than
+        `sparse_query_terms` (its heaviest terms: the rarest n-grams); (None, 0) otherwise."""
+        terms = self.settings.sparse_query_terms
+        if not isinstance(vector, SparseVec) or terms is None or len(vector.indices) <= terms:
+            return None, 0
+        heaviest = np.sort(np.argsort(-np.abs(vector.values), kind="stable")[:terms])
+        cut = SparseVec(vector.indices[heaviest], vector.values[heaviest])
+        return cut, self.settings.sparse_candidates
 
     def _modality_scores(
         self, queries: Sequence[Mapping[str, Vector]], hits: list[list[Hit]]

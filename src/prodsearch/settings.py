@@ -119,6 +119,15 @@ class Settings(BaseSettings):
     collection: str = "products"
     k: int = Field(10, ge=1, le=1000, description="Matches returned per query.")
     prefetch_limit: int = Field(50, ge=1, le=1000, description="Candidates per modality.")
+    sparse_query_terms: int | None = Field(
+        None,
+        ge=1,
+        description="Cut a sparse (chars) query to its N heaviest (rarest) terms to find "
+        "candidates, then rescore them with the whole query; None = search with the whole query.",
+    )
+    sparse_candidates: int = Field(
+        200, ge=1, le=10_000, description="Candidates the cut sparse query finds for rescoring."
+    )
     thresholds: Thresholds = Field(
         Thresholds(), description="Per-modality prefetch score thresholds for RRF and DBSF."
     )

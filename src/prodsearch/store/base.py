@@ -98,12 +98,19 @@ class StoredPoint:
 
 @dataclass(frozen=True)
 class ModalityQuery:
-    """One prefetch: kNN on one named vector, keeping hits scoring >= threshold."""
+    """One prefetch: kNN on one named vector, keeping hits scoring >= threshold.
+
+    With `candidates` (a cheaper query on the same named vector, e.g. a sparse vector cut to its
+    rarest terms) the engine first takes the `candidate_limit` best points for `candidates`, then
+    rescores them with `vector`: threshold and limit apply to the rescored (full) scores.
+    """
 
     modality: str
     vector: Vector
     threshold: float | None
     limit: int
+    candidates: Vector | None = None
+    candidate_limit: int = 0
 
 
 @dataclass(frozen=True)

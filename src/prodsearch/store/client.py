@@ -105,6 +105,15 @@ def client_request(query: FusedQuery) -> models.QueryRequest:
             score_threshold=p.threshold,
             filter=flt,
             params=params,
+            prefetch=None
+            if p.candidates is None
+            else models.Prefetch(
+                query=to_client_vector(p.candidates),
+                using=p.modality,
+                limit=p.candidate_limit,
+                filter=flt,
+                params=params,
+            ),
         )
         for p in query.prefetches
     ]

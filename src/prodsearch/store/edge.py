@@ -122,6 +122,16 @@ def edge_request(query: FusedQuery) -> qe.QueryRequest:
             score_threshold=p.threshold,
             filter=flt,
             params=params,
+            prefetches=None
+            if p.candidates is None
+            else [
+                qe.Prefetch(
+                    limit=p.candidate_limit,
+                    query=qe.Query.Nearest(to_edge_vector(p.candidates), using=p.modality),
+                    filter=flt,
+                    params=params,
+                )
+            ],
         )
         for p in query.prefetches
     ]
