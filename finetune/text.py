@@ -34,7 +34,6 @@ from finetune.common import (
 from prodsearch.encoders.text import SHIPPED_ADAPTER, minilm_path
 
 CONFIG = Path(__file__).resolve().parent / "configs" / "text.toml"
-REPO = Path(__file__).resolve().parents[1]
 
 
 def augment(title: str, rng: random.Random) -> str:
@@ -118,26 +117,16 @@ def train(
 
     base = SentenceTransformer(str(minilm_path()), device=device)
     tokenizer = base.tokenizer
-    # Resuming: the LoRA weights of an earlier run after `resume_epoch` of its epochs; the
-    # learning-rate schedule continues from there (the ArcFace head restarts at the class means).
-    resume_epoch = config.get("resume_epoch", 0)
-    if config.get("resume_adapter"):
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(
-            base[0].auto_model, str(REPO / config["resume_adapter"]), is_trainable=True
-        ).float()
-    else:
-        model = get_peft_model(
-            base[0].auto_model,
-            LoraConfig(
-                r=config["lora_rank"],
-                lora_alpha=config["lora_alpha"],
-                lora_dropout=config["lora_dropout"],
-                target_modules=config["lora_targets"],
-                bias="none",
-            ),
-        )
+    model = get_peft_model(
+        base[0].auto_model,
+        LoraConfig(
+            r=config["lora_rank"],
+            lora_alpha=config["lora_alpha"],
+            lora_dropout=config["lora_dropout"],
+            target_modules=config["lora_targets"],
+            bias="none",
+        ),
+    )
     model.to(device)
 
     n_classes = int(labels.max()) + 1
@@ -161,9 +150,8 @@ def train(
         weight_decay=config["weight_decay"],
     )
     total_steps = batches_per_epoch * config["epochs"]
-    steps_done = batches_per_epoch * resume_epoch
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: max(0.1, 1.0 - (steps_done + step) / max(1, total_steps))
+        optimizer, lambda step: max(0.1, 1.0 - step / max(1, total_steps))
     )
     sampler = MPerClassSampler(
         labels,
@@ -176,12 +164,11 @@ def train(
         encode_all(model, tokenizer, val_split.titles, config["max_tokens"], device),
         val_split.labels,
     )
-    history: list[dict[str, Any]] = [{"epoch": resume_epoch, "val_f1": round(baseline_f1, 4)}]
-    print(f"epoch {resume_epoch}: val F1 {baseline_f1:.4f}", file=sys.stderr)
+    history: list[dict[str, Any]] = [{"epoch": 0, "val_f1": round(baseline_f1, 4)}]
+    print(f"epoch 0: val F1 {baseline_f1:.4f}", file=sys.stderr)
     best_f1 = -1.0
     # The learning rate decays over `epochs`; `train_epochs` may stop the run earlier (CPU budget).
-    last_epoch = min(config["epochs"], config.get("train_epochs", config["epochs"]))
-    for epoch in range(resume_epoch + 1, last_epoch + 1):
+    for epoch in range(1, min(config["epochs"], config.get("train_epochs", config["epochs"])) + 1):
         model.train()
         indices = list(iter(sampler))
         losses = []
