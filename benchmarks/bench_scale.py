@@ -1,7 +1,7 @@
 """Scale benchmark of the embedded engine: build, size and fused-query latency/recall at N points.
 
     nice -n 19 .venv/bin/python benchmarks/bench_scale.py [--n 1000000] [--queries 200]
-        [--datatype float16|float32] [--ef default,64,128,256] [--batch 1000] [--seed 0]
+        [--datatype float16|float32] [--ef default,64,128,256,auto] [--batch 1000] [--seed 0]
         [--dir /tmp/somewhere (kept; default: a temporary directory, removed)]
 
 Synthetic products with the real vectors' dimensions and structure (as in QDRANT.md, "Scale"):
@@ -254,9 +254,16 @@ def run(args: argparse.Namespace) -> None:
 
         rows = []
         for ef in args.ef:
-            index = base.with_settings(hnsw_ef=None if ef == "default" else int(ef))
+            # auto: prodsearch's settings (hnsw_ef_large from 500k points); default: the engine's
+            index = (
+                base
+                if ef == "auto"
+                else base.with_settings(
+                    hnsw_ef=None if ef == "default" else int(ef), hnsw_ef_large=None
+                )
+            )
             batch = fused(index)
-            for q in batch[:20]:  # warm-up
+            for q in batch[:20]:  # warm-up (the first row also pages the store in: see README)
                 store.query_batch(COLLECTION, [q])
             times, results = [], []
             for q in batch:
@@ -336,7 +343,7 @@ def run(args: argparse.Namespace) -> None:
             f"| {recall:.4f} | {dups:.3f} |"
         )
     print(
-        "\nWhere a fused query's time goes: each modality's prefetch alone (default ef, "
+        "\nWhere a fused query's time goes: each modality's prefetch alone (prodsearch's ef, "
         "its threshold and prefetch limit)\n"
     )
     print("| modality | p50 / p95 / p99 ms |")
@@ -359,7 +366,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--datatype", choices=("float16", "float32"), default="float16")
     parser.add_argument(
-        "--ef", type=lambda s: s.split(","), default=["default", "64", "128", "256"]
+        "--ef", type=lambda s: s.split(","), default=["default", "64", "128", "256", "auto"]
     )
     parser.add_argument("--batch", type=int, default=1_000, help="points per upsert")
     parser.add_argument("--seed", type=int, default=0)

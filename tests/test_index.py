@@ -150,3 +150,32 @@ def test_cut_sparse_query_keeps_the_whole_query_scores(encoders, shopee_csv, tmp
                 assert m.scores["chars"] >= threshold
                 if m.product_id in plain:
                     assert m.scores["chars"] == pytest.approx(plain[m.product_id], abs=1e-4)
+
+
+def test_search_breadth_follows_the_collection_size(encoders, tmp_path, monkeypatch) -> None:
+    """hnsw_ef: the engine default for a small collection, hnsw_ef_large from LARGE_COLLECTION
+    points on, hnsw_ef when set; the size estimate is re-read after SIZE_RECHECK_SECONDS."""
+    import prodsearch.index as index_module
+
+    with _index(str(tmp_path / "store"), encoders, SAMPLE / "catalog.csv", "generic") as index:
+        options = MatchOptions()
+        thresholds = index._thresholds(None, "rrf")
+        vectors = index.encode_query("Arla milk")
+
+        def breadth(idx: Index) -> int | None:
+            return idx._fused_query(vectors, thresholds, options).hnsw_ef
+
+        reads = []
+        count = index.store.count
+        monkeypatch.setattr(
+            index.store, "count", lambda name, exact=True: reads.append(exact) or count(name, exact)
+        )
+        assert breadth(index) is None and reads == [False]
+        monkeypatch.setattr(index_module, "LARGE_COLLECTION", index.count())
+        assert breadth(index) == index.settings.hnsw_ef_large == 256
+        assert reads == [False, True], "the estimate is kept for SIZE_RECHECK_SECONDS"
+        monkeypatch.setattr(index_module, "SIZE_RECHECK_SECONDS", 0.0)
+        assert breadth(index) == 256 and reads == [False, True, False]
+        assert breadth(index.with_settings(hnsw_ef=64)) == 64
+        assert breadth(index.with_settings(hnsw_ef_large=None)) is None
+        assert index.match("Arla milk", k=3), "the large-collection breadth runs in the engine"

@@ -8,6 +8,7 @@ per-modality scores of the hits come from one exact rescoring batch restricted t
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +33,11 @@ from prodsearch.store import (
     open_store,
     point_id,
 )
+
+#: collections of this many points or more are searched with `hnsw_ef_large` (README, "Results":
+#: recall@10 falls below 0.99 with the engine's default breadth at 1M, not at 200k)
+LARGE_COLLECTION = 500_000
+SIZE_RECHECK_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -115,6 +121,8 @@ class Index:
             else store
         )
         self._checked = False
+        #: (point count estimate, when it was read): picks the HNSW search breadth
+        self._size_estimate: tuple[int, float] | None = None
 
     def with_settings(self, **changes: Any) -> Index:
         """Return an Index on the same store, collection and encoders with some settings changed.
@@ -364,8 +372,19 @@ class Index:
             limit=options.k or settings.k,
             filter=spec,
             exclude_point_ids=tuple(point_id(p) for p in options.exclude_ids),
-            hnsw_ef=settings.hnsw_ef,
+            hnsw_ef=self._hnsw_ef(),
         )
+
+    def _hnsw_ef(self) -> int | None:
+        """The HNSW search breadth: `hnsw_ef` when set, else `hnsw_ef_large` for a collection of
+        LARGE_COLLECTION points or more (its size estimate re-read every SIZE_RECHECK_SECONDS)."""
+        settings = self.settings
+        if settings.hnsw_ef is not None or settings.hnsw_ef_large is None:
+            return settings.hnsw_ef
+        now = time.monotonic()
+        if self._size_estimate is None or now - self._size_estimate[1] > SIZE_RECHECK_SECONDS:
+            self._size_estimate = (self.store.count(self.collection, exact=False), now)
+        return settings.hnsw_ef_large if self._size_estimate[0] >= LARGE_COLLECTION else None
 
     def _sparse_candidates(self, vector: Vector) -> tuple[Vector | None, int]:
         """The cut query and candidate count of a sparse vector with more terms than

@@ -94,10 +94,10 @@ class SerializedStore(Store):
         with self._lock:
             return self.inner.scroll(name, offset, limit, with_vectors)
 
-    def count(self, name: str) -> int:
-        """Return the number of points."""
+    def count(self, name: str, exact: bool = True) -> int:
+        """Return the number of points (`exact=False`: the engine's cheap estimate)."""
         with self._lock:
-            return self.inner.count(name)
+            return self.inner.count(name, exact)
 
     def build_index(self, name: str) -> None:
         """Build the HNSW index, without the lock: Edge keeps answering queries while it

@@ -140,7 +140,16 @@ class Settings(BaseSettings):
     formula: FormulaSettings = FormulaSettings()
     dedup: DedupSettings = DedupSettings()
     hnsw_ef: int | None = Field(
-        None, ge=1, description="HNSW search breadth; None = engine default."
+        None,
+        ge=1,
+        description="HNSW search breadth for every collection; None = engine default below "
+        "500,000 points and `hnsw_ef_large` from there.",
+    )
+    hnsw_ef_large: int | None = Field(
+        256,
+        ge=1,
+        description="HNSW search breadth for collections of 500,000 points or more when hnsw_ef "
+        "is None (fused recall@10 at 1M: 0.985 with the engine default, 0.994 at 256).",
     )
     encoders: Literal["finetuned", "finetuned+charcnn", "pretrained"] = Field(
         "finetuned",

@@ -202,8 +202,8 @@ class Store(ABC):
         """Return up to `limit` points from `offset`, and the next offset (None at the end)."""
 
     @abstractmethod
-    def count(self, name: str) -> int:
-        """Return the number of points."""
+    def count(self, name: str, exact: bool = True) -> int:
+        """Return the number of points (`exact=False`: the engine's cheap estimate)."""
 
     @abstractmethod
     def build_index(self, name: str) -> None:

@@ -283,9 +283,9 @@ class ClientStore(Store):
             vectors={k: from_client_vector(v) for k, v in vectors.items()},
         )
 
-    def count(self, name: str) -> int:
-        """Return the number of points."""
-        return int(_engine_call("count", lambda: self.client.count(name, exact=True).count))
+    def count(self, name: str, exact: bool = True) -> int:
+        """Return the number of points (`exact=False`: the engine's cheap estimate)."""
+        return int(_engine_call("count", lambda: self.client.count(name, exact=exact).count))
 
     def build_index(self, name: str) -> None:
         """Nothing to do: a server indexes in the background and local mode has no index."""

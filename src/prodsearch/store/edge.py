@@ -303,10 +303,10 @@ class EdgeStore(Store):
             vectors={k: from_edge_vector(v) for k, v in vectors.items()},
         )
 
-    def count(self, name: str) -> int:
-        """Return the number of points."""
+    def count(self, name: str, exact: bool = True) -> int:
+        """Return the number of points (`exact=False`: the engine's cheap estimate)."""
         shard = self._shard(name)
-        return int(_engine_call("count", lambda: shard.count(qe.CountRequest(exact=True))))
+        return int(_engine_call("count", lambda: shard.count(qe.CountRequest(exact=exact))))
 
     def build_index(self, name: str) -> None:
         """Run the optimizers (HNSW build); Edge does no background indexing."""
