@@ -173,6 +173,21 @@ def percentiles(times: Sequence[float]) -> tuple[float, float, float]:
     return float(p50), float(p95), float(p99)
 
 
+def timed_queries(
+    store: EdgeStore, queries: list[FusedQuery]
+) -> tuple[list[float], list[list[Hit]]]:
+    """Run each query alone after 20 warm-up calls (the first run after opening also pages the
+    store in); return seconds per query and the hits."""
+    for q in queries[:20]:
+        store.query_batch(COLLECTION, [q])
+    times, results = [], []
+    for q in queries:
+        started = time.perf_counter()
+        results.append(store.query_batch(COLLECTION, [q])[0])
+        times.append(time.perf_counter() - started)
+    return times, results
+
+
 def recall_at_10(approx: list[Hit], exact: list[Hit], k: int = 10) -> float | None:
     """Share of the exact top k found; a point tying with the exact kth fused score counts."""
     top = exact[:k]
@@ -262,14 +277,7 @@ def run(args: argparse.Namespace) -> None:
                     hnsw_ef=None if ef == "default" else int(ef), hnsw_ef_large=None
                 )
             )
-            batch = fused(index)
-            for q in batch[:20]:  # warm-up (the first row also pages the store in: see README)
-                store.query_batch(COLLECTION, [q])
-            times, results = [], []
-            for q in batch:
-                started = time.perf_counter()
-                results.append(store.query_batch(COLLECTION, [q])[0])
-                times.append(time.perf_counter() - started)
+            times, results = timed_queries(store, fused(index))
             match_times = []
             for q in queries:
                 started = time.perf_counter()
@@ -302,13 +310,7 @@ def run(args: argparse.Namespace) -> None:
                 base._fused_query({modality: q[modality]}, thresholds, MatchOptions())
                 for q in queries
             ]
-            for q in alone[:20]:  # warm-up
-                store.query_batch(COLLECTION, [q])
-            times = []
-            for q in alone:
-                started = time.perf_counter()
-                store.query_batch(COLLECTION, [q])
-                times.append(time.perf_counter() - started)
+            times, _ = timed_queries(store, alone)
             modality_rows.append((modality, *percentiles(times)))
             log(f"{modality} alone: p95 {modality_rows[-1][2]:.2f} ms")
         rss_end = peak_rss_gb()

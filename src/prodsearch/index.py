@@ -21,7 +21,7 @@ from prodsearch.encoders.phash import compute_phash
 from prodsearch.errors import ConfigError
 from prodsearch.filters import FilterSpec
 from prodsearch.images import ImageSource, load_image
-from prodsearch.settings import MODALITIES, FusionName, Settings
+from prodsearch.settings import LARGE_COLLECTION, MODALITIES, FusionName, Settings
 from prodsearch.store import (
     FusedQuery,
     Fusion,
@@ -34,9 +34,7 @@ from prodsearch.store import (
     point_id,
 )
 
-#: collections of this many points or more are searched with `hnsw_ef_large` (README, "Results":
-#: recall@10 falls below 0.99 with the engine's default breadth at 1M, not at 200k)
-LARGE_COLLECTION = 500_000
+#: how often a collection's size estimate (which picks the HNSW breadth) is re-read
 SIZE_RECHECK_SECONDS = 10.0
 
 

@@ -20,6 +20,9 @@ from pydantic_settings import (
 )
 
 MODALITIES: tuple[str, ...] = ("text", "chars", "charcnn", "image", "phash")
+#: collections of this many points or more are searched with `hnsw_ef_large` (README, "Results":
+#: recall@10 falls below 0.99 with the engine's default breadth at 1M, not at 200k)
+LARGE_COLLECTION = 500_000
 FusionName = Literal["rrf", "dbsf", "formula"]
 
 SETTINGS_FILE_ENV = "PRODSEARCH_SETTINGS_FILE"
@@ -143,13 +146,14 @@ class Settings(BaseSettings):
         None,
         ge=1,
         description="HNSW search breadth for every collection; None = engine default below "
-        "500,000 points and `hnsw_ef_large` from there.",
+        f"{LARGE_COLLECTION:,} points and `hnsw_ef_large` from there.",
     )
     hnsw_ef_large: int | None = Field(
         256,
         ge=1,
-        description="HNSW search breadth for collections of 500,000 points or more when hnsw_ef "
-        "is None (fused recall@10 at 1M: 0.985 with the engine default, 0.994 at 256).",
+        description=f"HNSW search breadth for collections of {LARGE_COLLECTION:,} points or more "
+        "when hnsw_ef is None (fused recall@10 at 1M: 0.985 with the engine default, 0.994 at "
+        "256).",
     )
     encoders: Literal["finetuned", "finetuned+charcnn", "pretrained"] = Field(
         "finetuned",
