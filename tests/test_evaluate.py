@@ -25,21 +25,25 @@ def test_row_scores_is_the_mean_per_row_f1() -> None:
 @needs_shopee
 @pytest.mark.slow
 def test_evaluation_tunes_on_val_and_reports_test(tmp_path: Path, encoders, monkeypatch) -> None:
-    val, test = shopee_groups(150, "val", seed=1), shopee_groups(150, "test", seed=1)
+    val, test = shopee_groups(100, "val", seed=1), shopee_groups(200, "test", seed=1)
+    train = shopee_groups(150, "train", seed=1)
     catalog = tmp_path / "catalog.csv"
-    pd.concat([val, test]).to_csv(catalog, index=False)
+    pd.concat([val, test, train]).to_csv(catalog, index=False)
     split = tmp_path / "split.csv"
     pd.DataFrame(
         {
-            "posting_id": list(val["posting_id"]) + list(test["posting_id"]),
-            "split": ["val"] * len(val) + ["test"] * len(test),
+            "posting_id": [*val["posting_id"], *test["posting_id"], *train["posting_id"]],
+            "split": ["val"] * len(val) + ["test"] * len(test) + ["train"] * len(train),
         }
     ).to_csv(split, index=False)
 
     result = run_evaluation(catalog, split, store=str(tmp_path / "store"), encoders=encoders)
     methods = {m.method.split(":")[0].split(" (")[0]: m for m in result.methods}
     assert set(methods) >= {"baseline", "text alone", "chars alone", "phash alone", "fused"}
-    assert result.sizes == {"val": len(val), "test": len(test)}
+    assert result.sizes["val"] == len(val) and result.sizes["test"] == len(test)
+    # the val queries search a catalog topped up with whole train groups to the test size
+    largest_group = int(train["label_group"].value_counts().max())
+    assert len(test) - largest_group < result.sizes["val catalog"] <= len(test)
     for m in result.methods:
         assert 0 < m.test.f1 <= 1 and 0 < m.val.f1 <= 1
         if m.simulated_val_f1 is not None:  # the tuning simulation reproduces the engine

@@ -280,12 +280,22 @@ def evaluate(
         Path | None,
         typer.Option(help="Write the tuned thresholds and fusion to this TOML settings file."),
     ] = None,
+    val_catalog_size: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="Products in the catalog the val queries search: val plus whole train groups "
+            "as distractors (default: the test catalog's size; 0: val alone).",
+        ),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Tune thresholds and fusion on `val`, report precision/recall/F1 on `test`.
 
     Each split is ingested as its own collection; every product queries its own split's catalog
-    and counts in its own match set (the Shopee metric). The TF-IDF baseline runs in the same pass.
+    and counts in its own match set (the Shopee metric). The val catalog is topped up with
+    `train` rows to the test catalog's size, so thresholds are tuned at the density they are
+    reported at. The TF-IDF baseline runs in the same pass.
     """
     from prodsearch.evaluate import format_table, run_evaluation
 
@@ -298,6 +308,7 @@ def evaluate(
         store=store,
         settings=settings,
         console=stderr,
+        val_catalog_size=val_catalog_size,
     )
     if write_settings:
         result.write_settings(write_settings)
