@@ -320,6 +320,12 @@ def _prepare_split(
     part = Catalog(path=catalog.path, rows=everything, rows_read=len(everything))
     extra = f" + {len(distractors):,} train rows as distractors" if distractors else ""
     console.print(f"ingesting {name}: {len(rows):,} products{extra}")
+    if len(rows) + len(distractors) < 0.99 * catalog_size:
+        console.print(
+            f"[yellow]the {name} catalog holds {len(rows) + len(distractors):,} products, "
+            f"fewer than the {catalog_size:,} asked: the split file has too few train rows; "
+            "thresholds tuned on a smaller catalog come out lower than a larger one needs"
+        )
     ingest_catalog(index, part, console=console)
     return SplitData(
         name=name,

@@ -48,8 +48,8 @@ class ModalityValues(BaseModel):
 class Thresholds(ModalityValues):
     """Per-modality prefetch score thresholds (RRF and DBSF fusion)."""
 
-    text: float = 0.49
-    chars: float = 0.41
+    text: float = 0.52
+    chars: float = 0.54
     charcnn: float = 0.75
     image: float = 0.75
     phash: float = 0.8125
@@ -58,11 +58,11 @@ class Thresholds(ModalityValues):
 class FormulaWeights(ModalityValues):
     """Per-modality weights of the formula fusion."""
 
-    text: float = 1.0
+    text: float = 1.25
     chars: float = 1.0
     charcnn: float = 0.5
     image: float = 0.88
-    phash: float = 1.0
+    phash: float = 1.25
 
 
 class FormulaFloors(ModalityValues):
@@ -80,7 +80,7 @@ class FormulaSettings(BaseModel):
     missed the product) must reach `threshold`; prefetches keep candidates above `floors`."""
 
     weights: FormulaWeights = FormulaWeights()
-    threshold: float | None = 0.8142
+    threshold: float | None = 1.0048
     floors: FormulaFloors = FormulaFloors()
 
 
@@ -97,12 +97,12 @@ class DedupSettings(BaseModel):
 
     blend_rounds: int = Field(1, ge=0, le=3, description="Neighbourhood-blending rounds.")
     min2: bool = Field(True, description="A product left alone takes a close best neighbour.")
-    min2_threshold: float = Field(0.22, description="Formula score the min-2 neighbour must reach.")
+    min2_threshold: float = Field(1.14, description="Formula score the min-2 neighbour must reach.")
     max_cluster_size: int = Field(50, ge=1, description="No duplicate cluster grows past this.")
     blended: SearchSettings = SearchSettings(
         fusion="rrf",
-        thresholds=Thresholds(text=0.8, chars=0.64, phash=0.8125),
-        formula=FormulaSettings(weights=FormulaWeights(text=1.25, phash=1.5), threshold=1.3479),
+        thresholds=Thresholds(text=0.74, chars=0.69, phash=0.8125),
+        formula=FormulaSettings(weights=FormulaWeights(text=2.0, phash=2.0), threshold=1.8524),
     )
 
 
