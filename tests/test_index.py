@@ -35,21 +35,19 @@ def location(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 @needs_shopee
 def test_title_match_finds_itself_and_its_group(location, encoders, shopee_csv) -> None:
     frame = pd.read_csv(shopee_csv)
-    with _index(location, encoders, shopee_csv, "shopee") as index:
+    with _index(location, encoders, shopee_csv, "shopee") as stored:
+        # The chars score of an exact copy depends on the catalog's size (the engine's IDF over
+        # 137 titles is lower than the reference IDF: 0.24-0.76 here), so this small catalog
+        # gets its own chars threshold, as `prodsearch eval` would tune it.
+        index = stored.with_settings(
+            thresholds=stored.settings.thresholds.model_copy(update={"chars": 0.2})
+        )
         found_group = 0
         for _, row in frame.head(20).iterrows():
             matches = index.match(row["title"], phash=row["image_phash"], k=10)
             assert matches[0].product_id == row["posting_id"]
             assert set(matches[0].scores) == {"text", "chars", "phash"}
-            # A modality fires when its score reaches its threshold. The chars score of an exact
-            # copy depends on the catalog's size (the engine's IDF over a few hundred titles is
-            # lower than the reference IDF), so only text and phash must fire on it here.
-            fired = tuple(
-                m
-                for m in ("text", "chars", "phash")
-                if matches[0].scores[m] >= index.settings.thresholds.get(m)
-            )
-            assert matches[0].matched_by == fired and {"text", "phash"} <= set(fired)
+            assert matches[0].matched_by == ("text", "chars", "phash")
             group = set(frame.loc[frame["label_group"] == row["label_group"], "posting_id"])
             found_group += len(group & {m.product_id for m in matches}) > 1
             for m in matches:
