@@ -27,6 +27,16 @@ def _index(
     return index
 
 
+def _small_catalog(index: Index) -> Index:
+    """The index with a chars threshold for the 137-title test catalog. The chars score of an
+    exact copy depends on the catalog's size (the engine's IDF over 137 titles is lower than the
+    reference IDF: 0.24-0.76 here), so a small catalog needs its own threshold, as
+    `prodsearch eval` would tune it."""
+    return index.with_settings(
+        thresholds=index.settings.thresholds.model_copy(update={"chars": 0.2})
+    )
+
+
 @pytest.fixture(params=["edge", "client-memory"])
 def location(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return str(tmp_path / "store") if request.param == "edge" else ":memory:"
@@ -36,12 +46,7 @@ def location(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 def test_title_match_finds_itself_and_its_group(location, encoders, shopee_csv) -> None:
     frame = pd.read_csv(shopee_csv)
     with _index(location, encoders, shopee_csv, "shopee") as stored:
-        # The chars score of an exact copy depends on the catalog's size (the engine's IDF over
-        # 137 titles is lower than the reference IDF: 0.24-0.76 here), so this small catalog
-        # gets its own chars threshold, as `prodsearch eval` would tune it.
-        index = stored.with_settings(
-            thresholds=stored.settings.thresholds.model_copy(update={"chars": 0.2})
-        )
+        index = _small_catalog(stored)
         found_group = 0
         for _, row in frame.head(20).iterrows():
             matches = index.match(row["title"], phash=row["image_phash"], k=10)
@@ -132,10 +137,7 @@ def test_cut_sparse_query_keeps_the_whole_query_scores(encoders, shopee_csv, tmp
     hit still carries (and passed the threshold on) the whole query's score."""
     frame = pd.read_csv(shopee_csv)
     with _index(str(tmp_path / "store"), encoders, shopee_csv, "shopee") as stored:
-        # a chars threshold for this small catalog (its IDF keeps an exact copy's score low)
-        index = stored.with_settings(
-            thresholds=stored.settings.thresholds.model_copy(update={"chars": 0.2})
-        )
+        index = _small_catalog(stored)
         cut = index.with_settings(sparse_query_terms=12, sparse_candidates=20)
         vectors = index.encode_query(frame["title"][3])
         query = cut._fused_query(vectors, cut._thresholds(None, "rrf"), MatchOptions())

@@ -24,6 +24,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -138,31 +139,29 @@ def grocery_image_metrics(grocery_dir: Path, encoders: EncoderSet) -> dict[str, 
 
 @dataclass
 class SplitData:
-    """One split's queries and the catalog they search (its own collection: the split's rows
-    first, then any distractors), with labels and cached candidates."""
+    """The catalog one split's queries search, in its own collection: the split's products
+    first (the queries), then any distractors; with labels and cached candidates."""
 
     name: str
     index: Index
-    #: the split's products: the queries, and the first entries of the catalog
-    ids: list[str]
-    labels: np.ndarray
-    titles: list[str]
-    #: everything the collection holds, in order (= ids when there are no distractors)
-    catalog_ids: list[str] = field(default_factory=list)
-    catalog_labels: np.ndarray = field(default_factory=lambda: np.array([]))
-    catalog_titles: list[str] = field(default_factory=list)
+    catalog_ids: list[str]
+    catalog_labels: np.ndarray
+    catalog_titles: list[str]
+    #: the first `n_queries` products of the catalog are the split's own
+    n_queries: int
     truth: list[set[str]] = field(default_factory=list)
     pairs: pd.DataFrame | None = None
 
     def __post_init__(self) -> None:
-        if not self.catalog_ids:
-            self.catalog_ids = list(self.ids)
-            self.catalog_labels = self.labels
-            self.catalog_titles = list(self.titles)
         members: dict[Any, set[str]] = {}
         for pid, label in zip(self.catalog_ids, self.catalog_labels, strict=True):
             members.setdefault(label, set()).add(pid)
-        self.truth = [members[label] for label in self.labels]
+        self.truth = [members[label] for label in self.catalog_labels[: self.n_queries]]
+
+    @cached_property
+    def ids(self) -> list[str]:
+        """The split's own products: the queries."""
+        return self.catalog_ids[: self.n_queries]
 
 
 @dataclass
@@ -259,16 +258,12 @@ def run_evaluation(
     encoders = encoders or EncoderSet.from_settings(settings.encoders, settings.text_max_tokens)
     base = Index(location, "eval-val", settings, encoders)
     try:
-        test_size = sum(1 for r in catalog.rows if splits.get(r.product_id) == "test")
-        target = test_size if val_catalog_size is None else val_catalog_size
-        data = {
-            name: _prepare_split(
-                base, catalog, splits, name, label_column, console, target if name == "val" else 0
-            )
-            for name in ("val", "test")
-        }
+        test = _prepare_split(base, catalog, splits, "test", label_column, console)
+        target = test.n_queries if val_catalog_size is None else val_catalog_size
+        val = _prepare_split(base, catalog, splits, "val", label_column, console, target)
+        data = {"val": val, "test": test}
         for split in data.values():
-            console.print(f"collecting candidates on {split.name} ({len(split.ids):,} products)")
+            console.print(f"collecting candidates on {split.name} ({split.n_queries:,} products)")
             split.pairs = _candidate_pairs(split)
         methods, tuned = _tune_and_report(data, settings, console)
     finally:
@@ -279,7 +274,7 @@ def run_evaluation(
         methods=methods,
         tuned=tuned,
         sizes={
-            **{name: len(split.ids) for name, split in data.items()},
+            **{name: split.n_queries for name, split in data.items()},
             "val catalog": len(data["val"].catalog_ids),
         },
         seconds=time.perf_counter() - started,
@@ -320,9 +315,9 @@ def _prepare_split(
     part = Catalog(path=catalog.path, rows=everything, rows_read=len(everything))
     extra = f" + {len(distractors):,} train rows as distractors" if distractors else ""
     console.print(f"ingesting {name}: {len(rows):,} products{extra}")
-    if len(rows) + len(distractors) < 0.99 * catalog_size:
+    if len(everything) < 0.99 * catalog_size:
         console.print(
-            f"[yellow]the {name} catalog holds {len(rows) + len(distractors):,} products, "
+            f"[yellow]the {name} catalog holds {len(everything):,} products, "
             f"fewer than the {catalog_size:,} asked: the split file has too few train rows; "
             "thresholds tuned on a smaller catalog come out lower than a larger one needs"
         )
@@ -330,12 +325,10 @@ def _prepare_split(
     return SplitData(
         name=name,
         index=index,
-        ids=[r.product_id for r in rows],
-        labels=np.array([r.payload[label_column] for r in rows]),
-        titles=[r.title or "" for r in rows],
         catalog_ids=[r.product_id for r in everything],
         catalog_labels=np.array([r.payload[label_column] for r in everything]),
         catalog_titles=[r.title or "" for r in everything],
+        n_queries=len(rows),
     )
 
 
@@ -369,7 +362,7 @@ def _candidate_pairs(split: SplitData) -> pd.DataFrame:
     limit = generator.settings.prefetch_limit * len(MODALITIES)
     position = {pid: i for i, pid in enumerate(split.catalog_ids)}
     records = []
-    for start in range(0, len(split.ids), 256):
+    for start in range(0, split.n_queries, 256):
         chunk = split.ids[start : start + 256]
         for pid, matches in zip(
             chunk, generator.match_products(chunk, MatchOptions(k=limit)), strict=True
@@ -391,7 +384,7 @@ def _simulated_f1(split: SplitData, selected: np.ndarray) -> float:
     """Mean F1 when the pairs flagged in `selected` are predicted (each query always has itself)."""
     pairs = split.pairs
     assert pairs is not None
-    n = len(split.ids)
+    n = split.n_queries
     not_self = (pairs["query"] != pairs["candidate"]).to_numpy()
     chosen = selected & not_self
     queries = pairs["query"].to_numpy()
@@ -481,7 +474,7 @@ def _engine_scores(split: SplitData, modalities: list[str], **changes: Any) -> S
     index = split.index.with_settings(**changes)
     options = MatchOptions(k=index.settings.prefetch_limit, modalities=modalities)
     predicted = []
-    for start in range(0, len(split.ids), 256):
+    for start in range(0, split.n_queries, 256):
         chunk = split.ids[start : start + 256]
         for pid, matches in zip(chunk, index.match_products(chunk, options), strict=True):
             predicted.append({pid} | {m.product_id for m in matches})
@@ -496,9 +489,9 @@ def _tfidf_scores(split: SplitData, threshold: float) -> Scores:
     vectors = TfidfVectorizer(analyzer="char_wb", ngram_range=(3, 5)).fit_transform(
         split.catalog_titles
     )
-    similarity = (vectors[: len(split.ids)] @ vectors.T).tocsr()
+    similarity = (vectors[: split.n_queries] @ vectors.T).tocsr()
     predicted = []
-    for q in range(len(split.ids)):
+    for q in range(split.n_queries):
         row = similarity.getrow(q)
         predicted.append(
             {split.ids[q]} | {split.catalog_ids[c] for c in row.indices[row.data >= threshold]}
