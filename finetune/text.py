@@ -117,7 +117,7 @@ def svd_adapter(bert: Any, tuned: dict[str, torch.Tensor], rank: int, targets: l
     from peft import LoraConfig, get_peft_model
 
     base = copy.deepcopy(bert)
-    originals = {name: p.detach().clone() for name, p in base.named_parameters()}
+    originals = {name: p.detach().clone() for name, p in base.named_parameters() if name in tuned}
     model = get_peft_model(
         base, LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, bias="none")
     )
@@ -161,8 +161,8 @@ def train(
     full = config.get("method", "lora") == "full"
     if full:
         model = base[0].auto_model
-        pristine = {k: v.detach().clone() for k, v in model.state_dict().items()}
         trained = trainable_linear_weights(model, config["lora_targets"])
+        initial = {k: v.detach().clone() for k, v in trained.items()}
         for param in model.parameters():
             param.requires_grad = False
         for param in trained.values():
@@ -269,7 +269,9 @@ def train(
 
         out_dir.mkdir(parents=True, exist_ok=True)
         save_file(best_weights, str(out_dir / "full_weights.safetensors"))
-        model.load_state_dict(pristine)
+        with torch.no_grad():  # back to the base weights: the adapter carries the change
+            for name, param in trained.items():
+                param.copy_(initial[name])
         adapter = svd_adapter(
             model.cpu(), best_weights, config["export_rank"], config["lora_targets"]
         )
