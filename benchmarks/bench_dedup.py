@@ -56,14 +56,7 @@ def one_size(data: Path, size: int, workdir: Path) -> dict:
         console=Console(stderr=True, quiet=True),
     )
     timings["ingest (read, encode, upsert, HNSW)"] = time.perf_counter() - start
-    dedup = index.settings.dedup
-    options = DedupOptions(
-        blend_rounds=dedup.blend_rounds,
-        min2=dedup.min2,
-        min2_threshold=dedup.min2_threshold,
-        max_cluster_size=dedup.max_cluster_size,
-    )
-    result = run_dedup(index, options)
+    result = run_dedup(index, DedupOptions.from_settings(index.settings.dedup))
     timings.update(result.seconds)
     start = time.perf_counter()
     result.write_csv(workdir / "matches.csv")

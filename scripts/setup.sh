@@ -14,6 +14,6 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   # Install torch first, pinned: anything looser pulls a multi-GB CUDA build.
   .venv/bin/python -m pip install --quiet "torch==2.13.0" 2>&1 | grep -v "is ignored" || true
   .venv/bin/python -m pip install --quiet -e ".[test]" 2>&1 | grep -v "is ignored" || true
-  .venv/bin/python -c "import prodsearch, torch, qdrant_edge; assert torch.__version__.startswith('2.13.0')"
+  .venv/bin/python -c "import prodsearch, torch, qdrant_edge, lightgbm; assert torch.__version__.startswith('2.13.0')"
   touch "$stamp"
 fi

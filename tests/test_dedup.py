@@ -1,5 +1,5 @@
 """Whole-catalog matching: output format, min-2, blending, clusters, engine filters, explain,
-resume from a checkpoint."""
+resume from a checkpoint, the pair model."""
 
 from __future__ import annotations
 
@@ -13,16 +13,27 @@ from prodsearch.catalog import read_catalog
 from prodsearch.dedup import (
     DedupOptions,
     blended_vectors,
+    candidate_features,
     capped_components,
+    collect_candidates,
     fused_neighbours,
+    pair_neighbours,
     run_dedup,
     stored_products,
 )
 from prodsearch.encoders.base import SparseVec
+from prodsearch.errors import ConfigError
 from prodsearch.index import Index, Match
 from prodsearch.ingest import ingest_catalog
+from prodsearch.pair_model import (
+    CandidatePairs,
+    PairModel,
+    feature_names,
+    pair_features,
+    title_numbers,
+)
 from prodsearch.recipes import load_recipe
-from prodsearch.settings import Settings
+from prodsearch.settings import PairModelSettings, Settings
 from prodsearch.store import StoredPoint
 
 from .conftest import needs_shopee
@@ -186,3 +197,178 @@ def test_fused_neighbours_resume_from_a_cut_checkpoint(shopee_index, tmp_path) -
     for pid in full:
         # equal RRF scores may come back in either order
         assert {m.product_id for m in resumed[pid]} == {m.product_id for m in full[pid]}
+
+
+def hand_made_pairs() -> CandidatePairs:
+    """Four products: a and b close to each other, c and d close to each other."""
+    nan = np.nan
+    return CandidatePairs(
+        ids=["a", "b", "c", "d"],
+        query=np.array([0, 0, 1, 2, 3]),
+        candidate=np.array([1, 2, 0, 3, 2]),
+        total=np.array([1.5, 0.5, 1.4, 0.9, 0.85]),
+        scores={
+            "text": np.array([0.9, 0.4, 0.9, 0.7, 0.7]),
+            "chars": np.array([0.6, nan, 0.5, 0.2, 0.15]),
+            "charcnn": np.full(5, nan),
+            "image": np.full(5, nan),
+            "phash": np.array([0.75, 0.5, 0.75, 0.6, 0.6]),
+        },
+    )
+
+
+HAND_MADE_TEXT = np.array([[1, 0], [0.8, 0.6], [0, 1], [0.6, 0.8]], dtype=np.float32)
+HAND_MADE_TITLES = ["Oat drink 500ml", "oat drink 500 ml x2", "phone case", "case XB-450"]
+
+
+def hand_made_features(neighbour_threshold: float, modalities: list[str]) -> dict[str, np.ndarray]:
+    features = pair_features(
+        hand_made_pairs(),
+        modalities,
+        neighbour_threshold=neighbour_threshold,
+        blend_threshold=1.0,
+        dense={"text": HAND_MADE_TEXT},
+        titles=HAND_MADE_TITLES,
+    )
+    return {name: features[:, i] for i, name in enumerate(feature_names(modalities))}
+
+
+def test_pair_features_follow_their_definition() -> None:
+    column = hand_made_features(0.8, ["text", "chars", "phash"])
+    np.testing.assert_allclose(column["score_chars"], [0.6, -1, 0.5, 0.2, 0.15])  # missing: -1
+    np.testing.assert_allclose(column["rank"], [1, 2, 1, 1, 1])
+    np.testing.assert_allclose(column["best"], [1.5, 1.5, 1.4, 0.9, 0.85])
+    np.testing.assert_allclose(column["gap"], [0, 1.0, 0, 0, 0])
+    # neighbourhoods (candidates >= 0.8, the product included): {a, b}, {a, b}, {c, d}, {c, d}
+    np.testing.assert_allclose(column["jaccard"], [1, 0, 1, 1, 1])
+    np.testing.assert_allclose(column["size"], [1, 1, 1, 1, 1])
+    np.testing.assert_allclose(column["reverse_total"], [1.4, -1, 1.5, 0.85, 0.9])
+    # blending (matches >= 1.0): a + 0.9 b and b + 0.9 a; c and d keep their own vectors
+    a, b, c, d = HAND_MADE_TEXT.astype(np.float64)
+    blended_a, blended_b = a + 0.9 * b, b + 0.9 * a
+    unit = [v / np.linalg.norm(v) for v in (blended_a, blended_b, c, d)]
+    expected = [unit[0] @ unit[1], unit[0] @ unit[2], unit[1] @ unit[0], unit[2] @ unit[3]]
+    np.testing.assert_allclose(column["blended_text"], [*expected, unit[3] @ unit[2]], rtol=1e-6)
+    # title numbers: {500} vs {500, 2}; a number-less title; {450}
+    np.testing.assert_allclose(column["numbers_jaccard"], [0.5, -1, 0.5, -1, -1])
+    np.testing.assert_allclose(column["numbers_one_sided"], [0, 1, 0, 1, 1])
+    assert title_numbers("Oat drink 1.5L x 6") == {"1.5", "6"}
+    # with a stricter neighbourhood c and d are strangers: a lower overlap, smaller sizes
+    strict = hand_made_features(0.95, ["text"])
+    np.testing.assert_allclose(strict["jaccard"], [1, 0, 1, 0, 0])
+    np.testing.assert_allclose(strict["candidate_size"], [1, 0, 1, 0, 0])
+    assert "score_chars" not in strict and "blended_text" in strict
+
+
+def test_pair_model_fits_saves_and_checks_its_features(tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    names = feature_names(["text"])
+    features = rng.normal(size=(2000, len(names)))
+    same = features[:, 0] + 0.1 * rng.normal(size=2000) > 0.5  # the text score decides
+    model = PairModel.fit(features, same, ["text"])
+    probability = model.probabilities(features)
+    assert probability[same].mean() > 0.8 and probability[~same].mean() < 0.2
+    model.save(tmp_path / "model.txt")
+    loaded = PairModel.load(tmp_path / "model.txt")
+    assert loaded.modalities == ("text",)
+    np.testing.assert_allclose(loaded.probabilities(features), probability, rtol=1e-6)
+    foreign = tmp_path / "foreign.txt"
+    foreign.write_text((tmp_path / "model.txt").read_text().replace("numbers_jaccard", "other"))
+    with pytest.raises(ConfigError, match="not those of this version"):
+        PairModel.load(foreign)
+    with pytest.raises(ConfigError, match="does not exist"):
+        PairModel.load(tmp_path / "missing.txt")
+    assert PairModel.load().modalities == ("text", "chars", "phash")  # the shipped model
+
+
+def test_pair_model_decides_matches_and_min2() -> None:
+    knobs = PairModelSettings(threshold=0.5, min2_threshold=0.3)
+    probabilities = np.array([0.6, 0.9, 0.4, 0.2, 0.55])
+    floors = {"text": 0.8, "chars": 0.15, "charcnn": 0.3, "image": 0.3, "phash": 0.5}
+    neighbours, rescued = pair_neighbours(hand_made_pairs(), probabilities, knobs, floors, True)
+    assert [m.product_id for m in neighbours["a"]] == ["c", "b"]  # most probable first
+    assert [m.probability for m in neighbours["a"]] == [0.9, 0.6]
+    assert neighbours["a"][1].matched_by == ("text", "chars", "phash")  # scores over the floors
+    assert neighbours["a"][0].matched_by == ("phash",)
+    assert [m.product_id for m in neighbours["b"]] == ["a"] and rescued == {"b"}  # 0.4 >= 0.3
+    assert neighbours["c"] == []  # 0.2: too far even for min-2
+    assert [m.product_id for m in neighbours["d"]] == ["c"]
+    without_min2, none = pair_neighbours(hand_made_pairs(), probabilities, knobs, floors, False)
+    assert without_min2["b"] == [] and none == set()
+
+
+@needs_shopee
+def test_dedup_with_the_pair_model_follows_its_probabilities(shopee_index, tmp_path) -> None:
+    knobs = Settings().dedup.pair_model
+    model = PairModel.load(knobs.model)
+    products = list(stored_products(shopee_index))
+    pairs = collect_candidates(shopee_index, products, DedupOptions())
+    features = candidate_features(shopee_index, products, pairs, model.modalities, knobs)
+    probability = model.probabilities(features)
+    expected = {pid: set() for pid in pairs.ids}
+    for q, c, p in zip(pairs.query, pairs.candidate, probability, strict=True):
+        if p >= knobs.threshold:
+            expected[pairs.ids[q]].add(pairs.ids[c])
+    result = run_dedup(shopee_index, DedupOptions(min2=True, pair_model=knobs))
+    assert result.decided_by == "pair model" and "candidates" in result.seconds
+    matched = 0
+    for pid, hood in result.neighbourhoods.items():
+        others = set(hood.ids()) - {pid}
+        if hood.by_min2:
+            assert not expected[pid] and len(others) == 1
+            assert knobs.min2_threshold <= hood.matches[0].probability < knobs.threshold
+        else:
+            assert others == expected[pid]
+        matched += bool(others)
+        for match in hood.matches:
+            assert match.probability is not None and set(match.scores) == {"text", "chars", "phash"}
+    assert 0 < matched < len(products), "some products match, not every one"
+    # F1 against the true groups: the pair model is no worse than the thresholded fusion here
+    labels = {p.payload["product_id"]: p.payload["label_group"] for p in products}
+
+    def mean_f1(sets: dict[str, set[str]]) -> float:
+        scores = []
+        for pid, predicted in sets.items():
+            truth = {o for o in labels if labels[o] == labels[pid]}
+            scores.append(2 * len(predicted & truth) / (len(predicted) + len(truth)))
+        return float(np.mean(scores))
+
+    fused = run_dedup(shopee_index, DedupOptions(min2=False))
+    assert (
+        mean_f1({p: set(h.ids()) for p, h in result.neighbourhoods.items()})
+        >= mean_f1({p: set(h.ids()) for p, h in fused.neighbourhoods.items()}) - 0.02
+    )
+
+
+@needs_shopee
+def test_pair_model_refuses_a_collection_it_was_not_fitted_for(shopee_index, tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(200, len(feature_names(["text"]))))
+    PairModel.fit(features, features[:, 0] > 0, ["text"]).save(tmp_path / "text_only.txt")
+    text_only = PairModelSettings(model=tmp_path / "text_only.txt")
+    with pytest.raises(ConfigError, match="fitted on modalities"):
+        run_dedup(shopee_index, DedupOptions(pair_model=text_only))
+    fallback = run_dedup(shopee_index, DedupOptions(pair_model=text_only, pair_model_fallback=True))
+    assert fallback.decided_by == "fusion" and "fitted on modalities" in fallback.notes[0]
+
+
+@needs_shopee
+def test_candidates_resume_from_a_cut_checkpoint(shopee_index, tmp_path) -> None:
+    products = list(stored_products(shopee_index))
+    checkpoint = tmp_path / "candidates.checkpoint.jsonl"
+    full = collect_candidates(shopee_index, products, DedupOptions(), 16, checkpoint=checkpoint)
+    lines = checkpoint.read_text().splitlines(keepends=True)
+    checkpoint.write_text("".join([*lines[: len(lines) // 2], lines[len(lines) // 2][:20]]))
+    calls = []
+    resumed = collect_candidates(
+        shopee_index, products, DedupOptions(), 16, calls.append, checkpoint
+    )
+    assert calls[0] == len(lines) // 2 - 1, "the finished products were not redone"
+
+    def as_set(pairs: CandidatePairs) -> set[tuple[str, str, float]]:
+        return {
+            (pairs.ids[q], pairs.ids[c], round(t, 4))
+            for q, c, t in zip(pairs.query, pairs.candidate, pairs.total, strict=True)
+        }
+
+    assert as_set(resumed) == as_set(full) and len(full.query) > len(products)

@@ -426,6 +426,14 @@ def dedup(
     max_cluster_size: Annotated[
         int | None, typer.Option(min=1, help="Cap on a duplicate cluster's size.")
     ] = None,
+    pair_model: Annotated[
+        bool | None,
+        typer.Option(
+            "--pair-model/--no-pair-model",
+            help="Decide matches with the learned pair model (default from settings; off when "
+            "--blend-rounds is given).",
+        ),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Match every product of a collection against it: match sets, duplicate clusters, where the
@@ -440,12 +448,12 @@ def dedup(
     from prodsearch.recipes import load_recipe
 
     settings = _settings(store, collection)
-    knobs = settings.dedup
-    options = DedupOptions(
-        blend_rounds=knobs.blend_rounds if blend_rounds is None else blend_rounds,
-        min2=knobs.min2 if min2 is None else min2,
-        min2_threshold=knobs.min2_threshold,
-        max_cluster_size=max_cluster_size or knobs.max_cluster_size,
+    options = DedupOptions.from_settings(
+        settings.dedup,
+        pair_model=pair_model,
+        blend_rounds=blend_rounds,
+        min2=min2,
+        max_cluster_size=max_cluster_size,
         same=tuple(same or ()),
         different=tuple(different or ()),
         within=tuple(_fraction(item) for item in within or ()),
@@ -472,8 +480,11 @@ def dedup(
     checkpoint.unlink(missing_ok=True)
     seconds = {"ingest": round(ingested, 1)} if catalog is not None else {}
     seconds.update({k: round(v, 1) for k, v in result.seconds.items()})
+    for note in result.notes:
+        stderr.print(f"[yellow]{note}", highlight=False)
     summary = {
         "products": len(result.neighbourhoods),
+        "decided_by": result.decided_by,
         "clusters": len(set(result.clusters.values())),
         "products_with_matches": sum(len(h.ids()) > 1 for h in result.neighbourhoods.values()),
         "rescued_by_min2": sum(h.by_min2 for h in result.neighbourhoods.values()),

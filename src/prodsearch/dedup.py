@@ -11,6 +11,12 @@ Pipeline (each step switchable, each knob tuned on `val` by `prodsearch eval`):
    score reaches the looser `min2_threshold` (one extra batched request for singletons only).
 4. **Clusters**: connected components of the match graph, merged strongest edge first, never
    past `max_cluster_size`.
+
+Or, instead of steps 1-3, the **pair model** (`pair_model`, the default where it covers the
+collection's modalities): every product's candidates (the formula fusion without its threshold)
+are scored by a logistic regression over the pair's engine scores and neighbourhood features
+(rank, gap to the best, overlap of the two neighbourhoods, the reverse pair's score); a pair
+matches when its probability reaches the model's threshold, and min-2 uses a looser one.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import csv
 import json
 import time
+from array import array
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +36,8 @@ from prodsearch.encoders.base import SparseVec, Vector
 from prodsearch.errors import ConfigError
 from prodsearch.filters import Condition, FilterSpec, Range
 from prodsearch.index import Index, Match, MatchOptions
-from prodsearch.settings import MODALITIES
+from prodsearch.pair_model import BLENDED_MODALITIES, CandidatePairs, PairModel, pair_features
+from prodsearch.settings import MODALITIES, DedupSettings, PairModelSettings
 from prodsearch.store import PointRecord, point_id
 
 BLENDED_SUFFIX = "__blended"
@@ -50,6 +58,47 @@ class DedupOptions:
     #: (key, fraction): a match's numeric value must be within +-fraction of the product's
     within: tuple[tuple[str, float], ...] = ()
     filter: FilterSpec | None = None
+    #: decide matches with this learned pair model instead of the fusion's threshold (blending
+    #: is then not run)
+    pair_model: PairModelSettings | None = None
+    #: when the pair model does not cover the collection's modalities: match with the fusion
+    #: (blending, min-2) instead of raising ConfigError
+    pair_model_fallback: bool = False
+
+    @classmethod
+    def from_settings(
+        cls,
+        knobs: DedupSettings,
+        *,
+        pair_model: bool | None = None,
+        blend_rounds: int | None = None,
+        min2: bool | None = None,
+        max_cluster_size: int | None = None,
+        **filters: Any,
+    ) -> DedupOptions:
+        """The options `prodsearch dedup` runs with: the settings' knobs, then the caller's.
+
+        Unless asked otherwise the pair model decides (when enabled in the settings and no
+        blending rounds are asked for), falling back to the fusion on a collection whose
+        modalities it does not cover. Asking for both the pair model and blending is an error.
+        """
+        if pair_model and blend_rounds:
+            raise ConfigError(
+                "the pair model and blending are alternatives (the model is fitted on unblended "
+                "candidates): ask for one of them"
+            )
+        use_pair_model = knobs.pair_model.enabled and not blend_rounds
+        if pair_model is not None:
+            use_pair_model = pair_model
+        return cls(
+            pair_model=knobs.pair_model if use_pair_model else None,
+            pair_model_fallback=pair_model is None,
+            blend_rounds=knobs.blend_rounds if blend_rounds is None else blend_rounds,
+            min2=knobs.min2 if min2 is None else min2,
+            min2_threshold=knobs.min2_threshold,
+            max_cluster_size=max_cluster_size or knobs.max_cluster_size,
+            **filters,
+        )
 
     def filter_keys(self) -> set[str]:
         """Every payload key the relative and absolute filters read."""
@@ -80,6 +129,10 @@ class DedupResult:
     neighbourhoods: dict[str, Neighbourhood]
     clusters: dict[str, int]
     seconds: dict[str, float] = field(default_factory=dict)
+    #: what decided the matches: "pair model" or "fusion" (the fusion's threshold)
+    decided_by: str = "fusion"
+    #: what a user should know about the run (e.g. why the pair model did not apply)
+    notes: list[str] = field(default_factory=list)
 
     def write_csv(self, path: Path) -> None:
         """Write `id,matches,cluster,min2` (matches: space-separated ids, the product first)."""
@@ -148,40 +201,63 @@ def fused_neighbours(
     With a `checkpoint` file, every finished batch is appended to it, and a re-run (after a kill)
     reuses the products already done, provided the collection and settings are the same.
     """
-    fingerprint = _fingerprint(index, len(products), options)
-    out = _read_checkpoint(checkpoint, fingerprint) if checkpoint else {}
-    todo = [p for p in products if p.payload["product_id"] not in out]
-    if progress and len(out):
-        progress(len(out))
+    return dict(
+        batched_matches(
+            index,
+            products,
+            options,
+            index.settings.prefetch_limit,
+            batch_size,
+            progress,
+            checkpoint,
+        )
+    )
+
+
+def batched_matches(
+    index: Index,
+    products: Sequence[Any],
+    options: DedupOptions,
+    k: int,
+    batch_size: int = 256,
+    progress: Callable[[int], None] | None = None,
+    checkpoint: Path | None = None,
+) -> Iterator[tuple[str, list[Match]]]:
+    """Yield (product id, its top-`k` fused matches) for every product, in batched engine
+    requests; the products a checkpoint holds first (read back from it), then the others (each
+    finished batch appended to the checkpoint)."""
+    fingerprint = _fingerprint(index, len(products), options, k)
+    done = _checkpointed_ids(checkpoint, fingerprint) if checkpoint else set()
+    if done:
+        yield from _read_checkpoint(checkpoint, fingerprint)  # type: ignore[arg-type]
+        if progress:
+            progress(len(done))
+    todo = [p for p in products if p.payload["product_id"] not in done]
     handle = None
     if checkpoint:
         handle = checkpoint.open("a", encoding="utf-8")
-        if not out:
+        if not done:
             handle.truncate(0)
             handle.write(json.dumps({"fingerprint": fingerprint}) + "\n")
-    k = index.settings.prefetch_limit
     try:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
             queries = [p.vectors for p in chunk]
             filters = [relative_filter(p.payload, options) for p in chunk]
             results = index.match_vectors(queries, MatchOptions(k=k), filters)
-            for product, matches in zip(chunk, results, strict=True):
-                out[product.payload["product_id"]] = matches
+            results = [[_slim(m) for m in matches] for matches in results]
             if handle:
                 for product, matches in zip(chunk, results, strict=True):
-                    record = {
-                        "id": product.payload["product_id"],
-                        "matches": [_slim(m) for m in matches],
-                    }
+                    record = {"id": product.payload["product_id"], "matches": matches}
                     handle.write(json.dumps(record) + "\n")
                 handle.flush()
+            for product, matches in zip(chunk, results, strict=True):
+                yield product.payload["product_id"], [_unslim(m) for m in matches]
             if progress:
                 progress(len(chunk))
     finally:
         if handle:
             handle.close()
-    return out
 
 
 def _slim(match: Match) -> dict[str, Any]:
@@ -193,44 +269,52 @@ def _slim(match: Match) -> dict[str, Any]:
     }
 
 
-def _fingerprint(index: Index, n_products: int, options: DedupOptions) -> str:
+def _unslim(record: dict[str, Any]) -> Match:
+    """A match as whole-catalog matching keeps it (its payload reduced to the product id)."""
+    return Match(
+        record["product_id"],
+        record["score"],
+        record["scores"],
+        tuple(record["matched_by"]),
+        {"product_id": record["product_id"]},
+    )
+
+
+def _fingerprint(index: Index, n_products: int, options: DedupOptions, k: int) -> str:
     settings = index.settings.model_dump_json(
         include={"thresholds", "fusion", "formula", "prefetch_limit", "rrf_k"}
     )
-    parts = (index.collection, n_products, options.same, options.different, options.filter)
+    parts = (index.collection, n_products, k, options.same, options.different, options.filter)
     parts += (settings,)
     return "|".join(map(str, parts))
 
 
-def _read_checkpoint(path: Path, fingerprint: str) -> dict[str, list[Match]]:
-    """The products a previous run finished, if it ran on the same collection and settings."""
+def _checkpoint_lines(path: Path, fingerprint: str) -> Iterator[dict[str, Any]]:
+    """The records of a checkpoint written with this fingerprint, up to a line cut by a kill."""
     if not path.is_file():
-        return {}
-    out: dict[str, list[Match]] = {}
+        return
     with path.open(encoding="utf-8") as handle:
-        lines = iter(handle)
         try:
-            header = json.loads(next(lines))
+            header = json.loads(next(handle))
         except (StopIteration, json.JSONDecodeError):
-            return {}
+            return
         if header.get("fingerprint") != fingerprint:
-            return {}
-        for line in lines:
+            return
+        for line in handle:
             try:
-                record = json.loads(line)
+                yield json.loads(line)
             except json.JSONDecodeError:  # a line cut by the kill: that batch is redone
-                break
-            out[record["id"]] = [
-                Match(
-                    m["product_id"],
-                    m["score"],
-                    m["scores"],
-                    tuple(m["matched_by"]),
-                    {"product_id": m["product_id"]},
-                )
-                for m in record["matches"]
-            ]
-    return out
+                return
+
+
+def _checkpointed_ids(path: Path | None, fingerprint: str) -> set[str]:
+    """The products a previous run finished, if it ran on the same collection and settings."""
+    return {record["id"] for record in _checkpoint_lines(path, fingerprint)} if path else set()
+
+
+def _read_checkpoint(path: Path, fingerprint: str) -> Iterator[tuple[str, list[Match]]]:
+    for record in _checkpoint_lines(path, fingerprint):
+        yield record["id"], [_unslim(m) for m in record["matches"]]
 
 
 def blended_vectors(
@@ -309,6 +393,118 @@ def min2_rescue(
     return rescued
 
 
+def collect_candidates(
+    index: Index,
+    products: Sequence[Any],
+    options: DedupOptions,
+    batch_size: int = 256,
+    progress: Callable[[int], None] | None = None,
+    checkpoint: Path | None = None,
+) -> CandidatePairs:
+    """Every product's candidates: the formula fusion with no threshold (each prefetch cut at its
+    floor), in batched engine requests, resumable with a checkpoint like `fused_neighbours`."""
+    generator = index.with_settings(
+        fusion="formula", formula=index.settings.formula.model_copy(update={"threshold": None})
+    )
+    ids = [p.payload["product_id"] for p in products]
+    position = {pid: i for i, pid in enumerate(ids)}
+    query, candidate, total = array("l"), array("l"), array("d")
+    scores = {m: array("d") for m in MODALITIES}
+    k = index.settings.prefetch_limit * len(MODALITIES)
+    for pid, matches in batched_matches(
+        generator, products, options, k, batch_size, progress, checkpoint
+    ):
+        for m in matches:
+            other = position.get(m.product_id)
+            if other is None or m.product_id == pid:
+                continue
+            query.append(position[pid])
+            candidate.append(other)
+            total.append(m.score)
+            for modality, values in scores.items():
+                values.append(m.scores.get(modality, np.nan))
+    return CandidatePairs(
+        ids=ids,
+        query=np.frombuffer(query, dtype=np.int64) if len(query) else np.zeros(0, np.int64),
+        candidate=np.frombuffer(candidate, dtype=np.int64)
+        if len(candidate)
+        else np.zeros(0, np.int64),
+        total=np.asarray(total, dtype=np.float64),
+        scores={m: np.asarray(v, dtype=np.float64) for m, v in scores.items()},
+    )
+
+
+def candidate_features(
+    index: Index,
+    products: Sequence[Any],
+    pairs: CandidatePairs,
+    modalities: Sequence[str],
+    knobs: PairModelSettings,
+) -> np.ndarray:
+    """The pair model's features of every candidate pair, from the products' stored vectors and
+    titles (products in `pairs.ids` order) and the index's formula threshold."""
+    by_id = {p.payload["product_id"]: p for p in products}
+    ordered = [by_id[pid] for pid in pairs.ids]
+    dense = {}
+    for modality in (m for m in modalities if m in BLENDED_MODALITIES):
+        width = next(len(p.vectors[modality]) for p in ordered if modality in p.vectors)
+        matrix = np.zeros((len(ordered), width), dtype=np.float32)
+        for row, product in enumerate(ordered):
+            if modality in product.vectors:
+                matrix[row] = product.vectors[modality]
+        dense[modality] = matrix
+    threshold = index.settings.formula.threshold
+    return pair_features(
+        pairs,
+        modalities,
+        neighbour_threshold=knobs.neighbour_threshold,
+        blend_threshold=knobs.neighbour_threshold if threshold is None else threshold,
+        dense=dense,
+        titles=[str(p.payload.get("title") or "") for p in ordered],
+    )
+
+
+def pair_neighbours(
+    pairs: CandidatePairs,
+    probabilities: np.ndarray,
+    settings: PairModelSettings,
+    floors: Mapping[str, float],
+    min2: bool,
+) -> tuple[dict[str, list[Match]], set[str]]:
+    """Each product's matches: the candidates whose probability reaches `settings.threshold`,
+    most probable first; with `min2`, a product left alone takes its most probable candidate when
+    that reaches `settings.min2_threshold`. Returns the matches and the ids min-2 rescued."""
+    order = np.lexsort((-probabilities, pairs.query))
+    chosen: dict[int, list[int]] = {}
+    best: dict[int, int] = {}
+    for row in order.tolist():
+        q = int(pairs.query[row])
+        best.setdefault(q, row)
+        if probabilities[row] >= settings.threshold:
+            chosen.setdefault(q, []).append(row)
+    rescued: set[str] = set()
+    if min2:
+        for q, row in best.items():
+            if q not in chosen and probabilities[row] >= settings.min2_threshold:
+                chosen[q] = [row]
+                rescued.add(pairs.ids[q])
+
+    def as_match(row: int) -> Match:
+        pid = pairs.ids[int(pairs.candidate[row])]
+        scores = {m: float(v[row]) for m, v in pairs.scores.items() if not np.isnan(v[row])}
+        return Match(
+            product_id=pid,
+            score=float(pairs.total[row]),
+            scores=scores,
+            matched_by=tuple(m for m in MODALITIES if m in scores and scores[m] >= floors[m]),
+            payload={"product_id": pid},
+            probability=round(float(probabilities[row]), 4),
+        )
+
+    out = {pid: [as_match(row) for row in chosen.get(q, [])] for q, pid in enumerate(pairs.ids)}
+    return out, rescued
+
+
 def capped_components(
     edges: Sequence[tuple[float, str, str]], ids: Sequence[str], cap: int
 ) -> dict[str, int]:
@@ -335,12 +531,16 @@ def capped_components(
 
 
 def match_edges(neighbours: Mapping[str, list[Match]]) -> list[tuple[float, str, str]]:
-    """Edges of the match graph weighted by the strongest per-modality score of the match."""
+    """Edges of the match graph weighted by the pair model's probability of the match, or else
+    by its strongest per-modality score."""
     edges = []
     for pid, matches in neighbours.items():
         for m in matches:
             if m.product_id != pid and m.product_id in neighbours:
-                edges.append((max(m.scores.values(), default=0.0), pid, m.product_id))
+                weight = m.probability
+                if weight is None:
+                    weight = max(m.scores.values(), default=0.0)
+                edges.append((weight, pid, m.product_id))
     return edges
 
 
@@ -356,10 +556,26 @@ def run_dedup(
     """
     if options.max_cluster_size < 1:
         raise ConfigError("max_cluster_size must be at least 1")
+    notes: list[str] = []
     seconds: dict[str, float] = {}
+    model = PairModel.load(options.pair_model.model) if options.pair_model else None
     start = time.perf_counter()
     products = list(stored_products(index))
     seconds["read vectors"] = time.perf_counter() - start
+    if model is not None:
+        stored = [m for m in MODALITIES if any(m in p.vectors for p in products)]
+        if set(model.modalities) != set(stored):
+            problem = (
+                f"the pair model was fitted on modalities {list(model.modalities)}; the products "
+                f"of collection {index.collection!r} have vectors for {stored}"
+            )
+            if not options.pair_model_fallback:
+                raise ConfigError(
+                    f"{problem}: fit one on a labelled sample of this catalog with `prodsearch "
+                    "eval --write-settings`, or pass --no-pair-model"
+                )
+            notes.append(f"{problem}: matched with the fusion instead")
+            model = None
     index_filter_fields(index, products, options.filter_keys())
 
     def step(name: str) -> Callable[[int], None]:
@@ -372,6 +588,8 @@ def run_dedup(
 
         return advance
 
+    if model is not None:
+        return _pair_model_dedup(index, products, options, model, seconds, step, checkpoint)
     start = time.perf_counter()
     neighbours = fused_neighbours(
         index, products, options, progress=step("fused neighbours"), checkpoint=checkpoint
@@ -403,7 +621,39 @@ def run_dedup(
     clusters = capped_components(match_edges(neighbours), ids, options.max_cluster_size)
     seconds["clusters"] = time.perf_counter() - start
     hoods = {pid: Neighbourhood(pid, neighbours[pid], pid in rescued) for pid in ids}
-    return DedupResult(hoods, clusters, seconds)
+    return DedupResult(hoods, clusters, seconds, decided_by="fusion", notes=notes)
+
+
+def _pair_model_dedup(
+    index: Index,
+    products: Sequence[Any],
+    options: DedupOptions,
+    model: PairModel,
+    seconds: dict[str, float],
+    step: Callable[[str], Callable[[int], None]],
+    checkpoint: Path | None,
+) -> DedupResult:
+    """Whole-catalog matching decided by the pair model: candidates, features, probabilities,
+    min-2 on the probabilities, clusters."""
+    knobs = options.pair_model
+    assert knobs is not None
+    start = time.perf_counter()
+    pairs = collect_candidates(
+        index, products, options, progress=step("candidates"), checkpoint=checkpoint
+    )
+    seconds["candidates"] = time.perf_counter() - start
+    start = time.perf_counter()
+    features = candidate_features(index, products, pairs, model.modalities, knobs)
+    probabilities = model.probabilities(features)
+    floors = {m: index.settings.formula.floors.get(m) for m in MODALITIES}
+    neighbours, rescued = pair_neighbours(pairs, probabilities, knobs, floors, options.min2)
+    seconds["pair model"] = time.perf_counter() - start
+    start = time.perf_counter()
+    ids = pairs.ids
+    clusters = capped_components(match_edges(neighbours), ids, options.max_cluster_size)
+    seconds["clusters"] = time.perf_counter() - start
+    hoods = {pid: Neighbourhood(pid, neighbours[pid], pid in rescued) for pid in ids}
+    return DedupResult(hoods, clusters, seconds, decided_by="pair model")
 
 
 def _blend_settings(index: Index) -> dict[str, Any]:

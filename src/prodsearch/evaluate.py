@@ -40,6 +40,7 @@ from prodsearch.encoders import EncoderSet
 from prodsearch.errors import CatalogError
 from prodsearch.index import Index, MatchOptions
 from prodsearch.ingest import ingest_catalog
+from prodsearch.pair_model import PairModel
 from prodsearch.recipes import load_recipe
 from prodsearch.settings import MODALITIES, Settings
 
@@ -194,6 +195,8 @@ class EvalResult:
     tuned: dict[str, Any]
     sizes: dict[str, int]
     seconds: float
+    #: the pair model fitted on val (None without post-processing)
+    pair_model: PairModel | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """Return a JSON-serialisable form."""
@@ -205,8 +208,15 @@ class EvalResult:
         }
 
     def write_settings(self, path: Path) -> None:
-        """Write the tuned thresholds and fusion as a prodsearch settings TOML file."""
-        path.write_text(tomli_w.dumps(self.tuned), encoding="utf-8")
+        """Write the tuned thresholds and fusion as a prodsearch settings TOML file, and the pair
+        model beside it (`<name>.pair_model.txt`, which the file points to)."""
+        tuned = self.tuned
+        if self.pair_model is not None:
+            model_path = path.with_name(path.stem + ".pair_model.txt")
+            self.pair_model.save(model_path)
+            pair = {**tuned["dedup"]["pair_model"], "model": str(model_path.resolve())}
+            tuned = {**tuned, "dedup": {**tuned["dedup"], "pair_model": pair}}
+        path.write_text(tomli_w.dumps(tuned), encoding="utf-8")
 
 
 def format_table(result: EvalResult) -> Table:
@@ -265,7 +275,7 @@ def run_evaluation(
         for split in data.values():
             console.print(f"collecting candidates on {split.name} ({split.n_queries:,} products)")
             split.pairs = _candidate_pairs(split)
-        methods, tuned = _tune_and_report(data, settings, console)
+        methods, tuned, pair_model = _tune_and_report(data, settings, console)
     finally:
         base.close()
         if workdir is not None:
@@ -273,6 +283,7 @@ def run_evaluation(
     return EvalResult(
         methods=methods,
         tuned=tuned,
+        pair_model=pair_model,
         sizes={
             **{name: split.n_queries for name, split in data.items()},
             "val catalog": len(data["val"].catalog_ids),
@@ -501,7 +512,7 @@ def _tfidf_scores(split: SplitData, threshold: float) -> Scores:
 
 def _tune_and_report(
     data: dict[str, SplitData], settings: Settings, console: Console, postprocess: bool = True
-) -> tuple[list[MethodResult], dict[str, Any]]:
+) -> tuple[list[MethodResult], dict[str, Any], PairModel | None]:
     val, test = data["val"], data["test"]
     modalities = [m for m in MODALITIES if val.pairs[m].notna().any()]  # type: ignore[index]
     results: list[MethodResult] = []
@@ -577,6 +588,7 @@ def _tune_and_report(
         "thresholds": _thresholds(settings, union).model_dump(),
         "formula": formula.model_dump(),
     }
+    pair_model = None
     if postprocess:
         best = settings.model_copy(
             update={
@@ -585,9 +597,9 @@ def _tune_and_report(
                 "formula": formula,
             }
         )
-        post_results, tuned["dedup"] = _postprocess(data, best, modalities, console)
+        post_results, tuned["dedup"], pair_model = _postprocess(data, best, modalities, console)
         results += post_results
-    return results, tuned
+    return results, tuned, pair_model
 
 
 # -- catalog-level post-processing (prodsearch dedup) -------------------------------------------
@@ -654,10 +666,73 @@ def _tune_min2(split: SplitData, base_sets: list[set[str]], formula: Any) -> flo
     )
 
 
+def _fit_pair_model(
+    split: SplitData, settings: Settings, modalities: list[str]
+) -> tuple[PairModel, Any, float, float]:
+    """Fit the pair model on the candidate pairs of the split's own products; tune its match and
+    min-2 probability thresholds for row F1 on out-of-fold probabilities (5 group-disjoint folds).
+
+    Returns the model (fitted on every pair), its knobs, and the out-of-fold F1 without and with
+    min-2.
+    """
+    from sklearn.model_selection import GroupKFold
+
+    from prodsearch.dedup import (
+        DedupOptions,
+        candidate_features,
+        collect_candidates,
+        stored_products,
+    )
+
+    knobs = settings.dedup.pair_model
+    index = split.index.with_settings(**settings.model_dump(include={"formula"}))
+    products = list(stored_products(index))
+    pairs = collect_candidates(index, products, DedupOptions())
+    features = candidate_features(index, products, pairs, modalities, knobs)
+    position = {pid: i for i, pid in enumerate(split.catalog_ids)}
+    to_catalog = np.array([position[pid] for pid in pairs.ids])
+    query, candidate = to_catalog[pairs.query], to_catalog[pairs.candidate]
+    labels = split.catalog_labels
+    same = labels[query] == labels[candidate]
+    own = query < split.n_queries  # fitted and tuned on the split's own products only
+    features, same, query = features[own], same[own], query[own]
+    groups = labels[query]
+    probability = np.zeros(len(features))
+    folds = GroupKFold(n_splits=min(5, len(set(groups.tolist()))))
+    for fit_rows, held_out in folds.split(features, same, groups):
+        fold_model = PairModel.fit(features[fit_rows], same[fit_rows], modalities)
+        probability[held_out] = fold_model.probabilities(features[held_out])
+    n = split.n_queries
+    truth_sizes = np.array([len(t) for t in split.truth], dtype=float)
+
+    def f1(selected: np.ndarray) -> float:
+        tp = 1 + np.bincount(query, weights=selected & same, minlength=n)
+        predicted = 1 + np.bincount(query, weights=selected, minlength=n)
+        return float(np.mean(2 * tp / (predicted + truth_sizes)))
+
+    grid = np.round(np.arange(0.05, 0.96, 0.01), 3)
+    threshold = float(max(grid, key=lambda t: f1(probability >= t)))
+    selected = probability >= threshold
+    # min-2: a query with nothing selected takes its most probable candidate if it reaches t2
+    order = np.lexsort((-probability, query))
+    first = order[np.r_[True, query[order][1:] != query[order][:-1]]] if len(order) else order
+    lonely = first[np.bincount(query, weights=selected, minlength=n)[query[first]] == 0]
+    sizes = truth_sizes[query[lonely]]
+    gain = 2 * (1 + same[lonely]) / (2 + sizes) - 2 / (1 + sizes)
+    min2_threshold = float(
+        max(grid[grid <= threshold], key=lambda t: gain[probability[lonely] >= t].sum())
+    )
+    with_min2 = selected.copy()
+    with_min2[lonely[probability[lonely] >= min2_threshold]] = True
+    tuned = knobs.model_copy(update={"threshold": threshold, "min2_threshold": min2_threshold})
+    return PairModel.fit(features, same, modalities), tuned, f1(selected), f1(with_min2)
+
+
 def _postprocess(
     data: dict[str, SplitData], settings: Settings, modalities: list[str], console: Console
-) -> tuple[list[MethodResult], dict[str, Any]]:
-    """Each catalog-level step added in turn, tuned on val, every figure from `run_dedup`."""
+) -> tuple[list[MethodResult], dict[str, Any], PairModel]:
+    """Each catalog-level step added in turn, tuned on val, every figure from `run_dedup`;
+    returns the rows, the tuned knobs and the pair model fitted on val."""
     from dataclasses import replace
 
     from prodsearch.dedup import (
@@ -677,6 +752,7 @@ def _postprocess(
         tuned: Settings,
         options: DedupOptions,
         clusters: bool = False,
+        simulated: float | None = None,
     ) -> None:
         console.print(f"dedup: {method} on val and test")
         sets = _cluster_sets if clusters else _dedup_sets
@@ -686,6 +762,7 @@ def _postprocess(
                 config,
                 row_scores(sets(val, tuned, options), val.truth),
                 row_scores(sets(test, tuned, options), test.truth),
+                None if simulated is None else round(simulated, 4),
             )
         )
 
@@ -752,11 +829,43 @@ def _postprocess(
         both,
         clusters=True,
     )
+    blending_f1 = results[-2].val.f1
+
+    console.print("dedup: fitting the pair model on val")
+    model, knobs, plain_f1, min2_f1 = _fit_pair_model(val, settings, modalities)
+    with tempfile.TemporaryDirectory(prefix="prodsearch-pair-model-") as folder:
+        model.save(Path(folder) / "pair_model.txt")
+        knobs = knobs.model_copy(update={"model": Path(folder) / "pair_model.txt"})
+        pair_settings = settings.model_copy(
+            update={"dedup": settings.dedup.model_copy(update={"pair_model": knobs})}
+        )
+        report(
+            "dedup: pair model (trees over candidates' scores, neighbourhoods, titles)",
+            {"threshold": knobs.threshold, "val_f1_out_of_fold": round(plain_f1, 4)},
+            pair_settings,
+            DedupOptions(min2=False, pair_model=knobs),
+        )
+        report(
+            "dedup: pair model + min-2",
+            {"min2_threshold": knobs.min2_threshold, "val_f1_out_of_fold": round(min2_f1, 4)},
+            pair_settings,
+            DedupOptions(min2=True, pair_model=knobs),
+        )
+        report(
+            "dedup: clusters (capped components) of the above",
+            {"max_cluster_size": 50},
+            pair_settings,
+            DedupOptions(min2=True, pair_model=knobs),
+            clusters=True,
+        )
+    # the pair model is chosen on honest val figures: out of fold against blending + min-2
+    pair_wins = min2_f1 > blending_f1
     tuned = {
         "blend_rounds": 1,
         "min2": True,
         "min2_threshold": min2_blended,
         "max_cluster_size": 50,
+        "pair_model": knobs.model_copy(update={"enabled": pair_wins}).model_dump(exclude={"model"}),
         "blended": blended,
     }
-    return results, tuned
+    return results, tuned, model

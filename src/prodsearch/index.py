@@ -50,16 +50,21 @@ class Match:
     #: the modalities whose score reached their threshold (the signals that fired)
     matched_by: tuple[str, ...]
     payload: dict[str, Any] = field(default_factory=dict)
+    #: whole-catalog matching only: the pair model's probability that this is the same product
+    probability: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        """Return a JSON-serialisable form."""
-        return {
+        """Return a JSON-serialisable form (`probability` only when the pair model decided)."""
+        out = {
             "product_id": self.product_id,
             "score": self.score,
             "scores": self.scores,
             "matched_by": list(self.matched_by),
             "payload": self.payload,
         }
+        if self.probability is not None:
+            out["probability"] = self.probability
+        return out
 
 
 @dataclass(frozen=True)

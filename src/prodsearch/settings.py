@@ -92,6 +92,24 @@ class SearchSettings(BaseModel):
     formula: FormulaSettings = FormulaSettings()
 
 
+class PairModelSettings(BaseModel):
+    """Whole-catalog re-scoring of fused candidates (`prodsearch dedup`): gradient-boosted trees
+    over each candidate pair's engine scores, neighbourhood and title features (pair_model.py
+    lists them); `prodsearch eval` fits one on `val` and tunes its thresholds."""
+
+    enabled: bool = Field(True, description="Decide matches with the pair model (dedup only).")
+    model: Path | None = Field(
+        None, description="LightGBM model file; None = the shipped one (fitted on Shopee val)."
+    )
+    neighbour_threshold: float = Field(
+        0.8, description="Formula score a candidate needs to count in a neighbourhood."
+    )
+    threshold: float = Field(0.5, description="Probability a match must reach.")
+    min2_threshold: float = Field(
+        0.3, description="Probability a lone product's best candidate must reach (min-2)."
+    )
+
+
 class DedupSettings(BaseModel):
     """Whole-catalog matching (`prodsearch dedup`): post-processing switches and knobs."""
 
@@ -99,6 +117,7 @@ class DedupSettings(BaseModel):
     min2: bool = Field(True, description="A product left alone takes a close best neighbour.")
     min2_threshold: float = Field(1.14, description="Formula score the min-2 neighbour must reach.")
     max_cluster_size: int = Field(50, ge=1, description="No duplicate cluster grows past this.")
+    pair_model: PairModelSettings = PairModelSettings()
     blended: SearchSettings = SearchSettings(
         fusion="rrf",
         thresholds=Thresholds(text=0.74, chars=0.69, phash=0.8125),
