@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -145,5 +146,27 @@ def test_dedup_and_explain_commands(tmp_path: Path) -> None:
     pid, others = next((p, m.split(" ")[1:]) for p, m in pairs if len(m.split(" ")) > 1)
     explained = json.loads(run("explain", pid, others[0], "--store", store, "--json").stdout)
     assert explained["product_a"] == pid and explained["scores"]
+    # the audit trail: a row per match, which explain --pairs reads back for the pair
+    audit = tmp_path / "matches.pairs.csv"
+    assert summary["pairs"] == str(audit)
+    rows = list(csv.DictReader(audit.open()))
+    assert len(rows) == sum(len(m.split(" ")) - 1 for _, m in pairs)
+    recorded = json.loads(
+        run("explain", pid, others[0], "--store", store, "--pairs", str(audit), "--json").stdout
+    )["dedup"]
+    assert recorded["probability"] is None  # the fusion decided
+    assert set(recorded["matched_by"]) <= set(recorded["scores"])
+    # blending replaced the dense vectors (text, image) the dedup scores come from; the chars
+    # and phash vectors it searched with are the stored ones, whose scores explain shows
+    assert {"chars", "phash"} <= set(recorded["scores"])
+    for modality in ("chars", "phash"):
+        assert explained["scores"][modality] == pytest.approx(
+            recorded["scores"][modality], abs=1e-3
+        )
+    stranger = next(p for p, _ in pairs if p != pid and p not in others)
+    unmatched = run("explain", pid, stranger, "--store", store, "--pairs", str(audit), "--json")
+    assert json.loads(unmatched.stdout)["dedup"] is None
+    not_audit = run("explain", pid, stranger, "--store", store, "--pairs", str(out))
+    assert not_audit.returncode == 1 and "not a dedup audit trail" in not_audit.stderr
     missing = run("explain", pid, "no-such-id", "--store", store)
     assert missing.returncode == 1 and "not in collection" in missing.stderr

@@ -18,6 +18,7 @@ from prodsearch.dedup import (
     collect_candidates,
     fused_neighbours,
     pair_neighbours,
+    read_pair_verdict,
     run_dedup,
     stored_products,
 )
@@ -26,10 +27,14 @@ from prodsearch.errors import ConfigError
 from prodsearch.index import Index, Match
 from prodsearch.ingest import ingest_catalog
 from prodsearch.pair_model import (
+    STAGE_FEATURES,
+    STAGES,
     CandidatePairs,
     PairModel,
     feature_names,
     pair_features,
+    stage_features,
+    symmetric,
     title_numbers,
 )
 from prodsearch.recipes import load_recipe
@@ -260,25 +265,86 @@ def test_pair_features_follow_their_definition() -> None:
     assert "score_chars" not in strict and "blended_text" in strict
 
 
+def random_pairs(n_products: int, per_product: int, seed: int = 0) -> CandidatePairs:
+    """Each product with `per_product` random other products as candidates (text score only)."""
+    rng = np.random.default_rng(seed)
+    query = np.repeat(np.arange(n_products), per_product)
+    candidate = (query + rng.integers(1, n_products, size=len(query))) % n_products
+    keep = ~pd.DataFrame({"q": query, "c": candidate}).duplicated().to_numpy()
+    query, candidate = query[keep], candidate[keep]
+    nan = np.full(len(query), np.nan)
+    return CandidatePairs(
+        ids=[f"p{i}" for i in range(n_products)],
+        query=query,
+        candidate=candidate,
+        total=rng.uniform(size=len(query)),
+        scores={"text": rng.uniform(size=len(query)), "chars": nan, "charcnn": nan},
+    )
+
+
+def test_symmetric_and_stage_features_follow_their_definition() -> None:
+    pairs = hand_made_pairs()  # a->b, a->c, b->a, c->d, d->c
+    previous = np.array([0.8, 0.6, 0.4, 0.9, 0.7])
+    np.testing.assert_allclose(symmetric(pairs, previous), [0.6, 0.6, 0.6, 0.8, 0.8])
+    column = dict(zip(STAGE_FEATURES, stage_features(pairs, previous).T, strict=True))
+    np.testing.assert_allclose(column["previous"], previous)
+    # a and c share no candidate; a->b: a's candidates {b, c}, b's {a}: nothing shared either
+    np.testing.assert_allclose(column["shared_weight"], 0)
+    # probable (>= 0.5) neighbours: a {b, c}, b none, c {d}, d {c}
+    np.testing.assert_allclose(column["previous_size"], [2, 2, 0, 1, 1])
+    np.testing.assert_allclose(column["previous_candidate_size"], [0, 1, 2, 1, 1])
+    np.testing.assert_allclose(column["previous_rank"], [1, 2, 1, 1, 1])
+    np.testing.assert_allclose(column["previous_gap"], [0, 0.2, 0, 0, 0])
+    # the candidate's best minus this probability: b 0.4, c 0.9, a 0.8, d 0.7, c 0.9
+    np.testing.assert_allclose(column["previous_candidate_gap"], [-0.4, 0.3, 0.4, -0.2, 0.2])
+    # two products with a common probable candidate share it
+    shared = CandidatePairs(
+        ids=["a", "b", "x"],
+        query=np.array([0, 0, 1]),
+        candidate=np.array([1, 2, 2]),
+        total=np.ones(3),
+        scores={},
+    )
+    features = dict(
+        zip(STAGE_FEATURES, stage_features(shared, np.array([0.3, 0.9, 0.5])).T, strict=True)
+    )
+    assert features["shared_weight"][0] == pytest.approx(0.9 * 0.5)
+    assert features["shared_count"][0] == 1 and features["shared_count"][1] == 0
+
+
 def test_pair_model_fits_saves_and_checks_its_features(tmp_path) -> None:
-    rng = np.random.default_rng(0)
+    pairs = random_pairs(300, 8)
+    rng = np.random.default_rng(1)
     names = feature_names(["text"])
-    features = rng.normal(size=(2000, len(names)))
-    same = features[:, 0] + 0.1 * rng.normal(size=2000) > 0.5  # the text score decides
-    model = PairModel.fit(features, same, ["text"])
-    probability = model.probabilities(features)
-    assert probability[same].mean() > 0.8 and probability[~same].mean() < 0.2
-    model.save(tmp_path / "model.txt")
-    loaded = PairModel.load(tmp_path / "model.txt")
+    features = rng.normal(size=(len(pairs.query), len(names)))
+    same = features[:, 0] + 0.1 * rng.normal(size=len(features)) > 0.5  # the text score decides
+    groups = pairs.query % 20
+    train = pairs.query < 250  # the others are scored by the fitted model, like distractors
+    model, out_of_fold = PairModel.fit(pairs, features, same, groups, ["text"], train, stages=2)
+    assert len(model.boosters) == 2
+    probability = model.probabilities(pairs, features)
+    for p in (probability, out_of_fold):
+        assert p[same].mean() > 0.7 and p[~same].mean() < 0.3
+        np.testing.assert_allclose(p, symmetric(pairs, p))  # both directions agree
+    # the training pairs' probabilities are out of fold: they differ from the fitted model's
+    assert not np.allclose(out_of_fold[train], probability[train])
+    model.save(tmp_path / "model.json")
+    loaded = PairModel.load(tmp_path / "model.json")
     assert loaded.modalities == ("text",)
-    np.testing.assert_allclose(loaded.probabilities(features), probability, rtol=1e-6)
-    foreign = tmp_path / "foreign.txt"
-    foreign.write_text((tmp_path / "model.txt").read_text().replace("numbers_jaccard", "other"))
+    np.testing.assert_allclose(loaded.probabilities(pairs, features), probability, rtol=1e-6)
+    foreign = tmp_path / "foreign.json"
+    foreign.write_text((tmp_path / "model.json").read_text().replace("numbers_jaccard", "other"))
     with pytest.raises(ConfigError, match="not those of this version"):
         PairModel.load(foreign)
+    (tmp_path / "not_a_model.json").write_text('{"stages": []}')
+    with pytest.raises(ConfigError, match="not a prodsearch pair model"):
+        PairModel.load(tmp_path / "not_a_model.json")
     with pytest.raises(ConfigError, match="does not exist"):
-        PairModel.load(tmp_path / "missing.txt")
-    assert PairModel.load().modalities == ("text", "chars", "phash")  # the shipped model
+        PairModel.load(tmp_path / "missing.json")
+    with pytest.raises(ConfigError, match="two groups"):
+        PairModel.fit(pairs, features, same, np.zeros(len(same)), ["text"], train)
+    shipped = PairModel.load()
+    assert shipped.modalities == ("text", "chars", "phash") and len(shipped.boosters) == STAGES
 
 
 def test_pair_model_decides_matches_and_min2() -> None:
@@ -304,7 +370,7 @@ def test_dedup_with_the_pair_model_follows_its_probabilities(shopee_index, tmp_p
     products = list(stored_products(shopee_index))
     pairs = collect_candidates(shopee_index, products, DedupOptions())
     features = candidate_features(shopee_index, products, pairs, model.modalities, knobs)
-    probability = model.probabilities(features)
+    probability = model.probabilities(pairs, features)
     expected = {pid: set() for pid in pairs.ids}
     for q, c, p in zip(pairs.query, pairs.candidate, probability, strict=True):
         if p >= knobs.threshold:
@@ -323,6 +389,19 @@ def test_dedup_with_the_pair_model_follows_its_probabilities(shopee_index, tmp_p
         for match in hood.matches:
             assert match.probability is not None and set(match.scores) == {"text", "chars", "phash"}
     assert 0 < matched < len(products), "some products match, not every one"
+    # the audit trail holds every match with what decided it, and reads back per pair
+    audit = tmp_path / "matches.pairs.csv"
+    result.write_pairs_csv(audit)
+    rows = list(csv.DictReader(audit.open()))
+    assert len(rows) == sum(len(h.ids()) - 1 for h in result.neighbourhoods.values())
+    for row in rows[:40]:
+        hood = result.neighbourhoods[row["id"]]
+        match = next(m for m in hood.matches if m.product_id == row["match"])
+        verdict = read_pair_verdict(audit, row["id"], row["match"])
+        assert verdict["probability"] == pytest.approx(match.probability)
+        assert verdict["min2"] == hood.by_min2 and verdict["matched_by"] == list(match.matched_by)
+        assert verdict["scores"] == pytest.approx(match.scores, abs=1e-4)
+    assert read_pair_verdict(audit, rows[0]["id"], "no-such-id") is None
     # F1 against the true groups: the pair model is no worse than the thresholded fusion here
     labels = {p.payload["product_id"]: p.payload["label_group"] for p in products}
 
@@ -342,10 +421,14 @@ def test_dedup_with_the_pair_model_follows_its_probabilities(shopee_index, tmp_p
 
 @needs_shopee
 def test_pair_model_refuses_a_collection_it_was_not_fitted_for(shopee_index, tmp_path) -> None:
-    rng = np.random.default_rng(0)
-    features = rng.normal(size=(200, len(feature_names(["text"]))))
-    PairModel.fit(features, features[:, 0] > 0, ["text"]).save(tmp_path / "text_only.txt")
-    text_only = PairModelSettings(model=tmp_path / "text_only.txt")
+    pairs = random_pairs(100, 4)
+    features = np.random.default_rng(0).normal(
+        size=(len(pairs.query), len(feature_names(["text"])))
+    )
+    same, groups = features[:, 0] > 0, pairs.query % 10
+    model, _ = PairModel.fit(pairs, features, same, groups, ["text"], pairs.query >= 0, stages=1)
+    model.save(tmp_path / "text_only.json")
+    text_only = PairModelSettings(model=tmp_path / "text_only.json")
     with pytest.raises(ConfigError, match="fitted on modalities"):
         run_dedup(shopee_index, DedupOptions(pair_model=text_only))
     fallback = run_dedup(shopee_index, DedupOptions(pair_model=text_only, pair_model_fallback=True))

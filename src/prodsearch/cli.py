@@ -437,7 +437,9 @@ def dedup(
     as_json: JsonOption = False,
 ) -> None:
     """Match every product of a collection against it: match sets, duplicate clusters, where the
-    time went. Resumable: a re-run after a kill reuses OUT.checkpoint.jsonl."""
+    time went, and beside OUT the audit trail OUT.pairs.csv (every match's scores, the signals
+    that fired, the pair model's probability). Resumable: a re-run after a kill reuses
+    OUT.checkpoint.jsonl."""
     import time
 
     from prodsearch.catalog import read_catalog
@@ -477,6 +479,8 @@ def dedup(
 
         result = run_dedup(index, options, progress=progress, checkpoint=checkpoint)
     result.write_csv(out)
+    audit = out.with_name(out.stem + ".pairs.csv")
+    result.write_pairs_csv(audit)
     checkpoint.unlink(missing_ok=True)
     seconds = {"ingest": round(ingested, 1)} if catalog is not None else {}
     seconds.update({k: round(v, 1) for k, v in result.seconds.items()})
@@ -490,6 +494,7 @@ def dedup(
         "rescued_by_min2": sum(h.by_min2 for h in result.neighbourhoods.values()),
         "seconds": seconds,
         "out": str(out),
+        "pairs": str(audit),
     }
     if as_json:
         _print_json(summary)
@@ -515,16 +520,26 @@ def explain(
     product_b: Annotated[str, typer.Argument(help="The candidate product's id.")],
     store: StoreOption = None,
     collection: CollectionOption = None,
+    pairs: Annotated[
+        Path | None,
+        typer.Option(help="A dedup audit trail (OUT.pairs.csv): also show that run's verdict."),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Explain whether and why product B matches product A: every modality's score against its
-    threshold, which signals fired, and B's rank and fused score in A's matches."""
+    threshold, which signals fired, B's rank and fused score in A's matches; with --pairs, what a
+    `dedup` run decided for the pair (its fused score, pair-model probability, min-2)."""
+    from prodsearch.dedup import read_pair_verdict
     from prodsearch.index import Index
 
     with Index(settings=_settings(store, collection)) as index:
         explanation = index.explain(product_a, product_b)
+    recorded = read_pair_verdict(pairs, product_a, product_b) if pairs else None
     if as_json:
-        _print_json(explanation.as_dict())
+        document = explanation.as_dict()
+        if pairs:
+            document["dedup"] = recorded
+        _print_json(document)
         return
     verdict = (
         f"MATCH (rank {explanation.rank}, fused score {explanation.fused_score:.4f}, "
@@ -542,7 +557,12 @@ def explain(
             f"{explanation.thresholds[modality]:.4f}",
             "yes" if modality in explanation.fired else "no",
         )
-    _stdout().print(table)
+    console = _stdout()
+    console.print(table)
+    if pairs and recorded is None:
+        console.print(f"dedup ({pairs}): not matched", highlight=False)
+    elif recorded is not None:
+        console.print(f"dedup ({pairs}): MATCH {json.dumps(recorded)}", highlight=False)
 
 
 if __name__ == "__main__":

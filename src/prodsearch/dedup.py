@@ -25,7 +25,7 @@ import csv
 import json
 import time
 from array import array
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,11 +36,18 @@ from prodsearch.encoders.base import SparseVec, Vector
 from prodsearch.errors import ConfigError
 from prodsearch.filters import Condition, FilterSpec, Range
 from prodsearch.index import Index, Match, MatchOptions
-from prodsearch.pair_model import BLENDED_MODALITIES, CandidatePairs, PairModel, pair_features
+from prodsearch.pair_model import (
+    BLENDED_MODALITIES,
+    CandidatePairs,
+    PairModel,
+    pair_features,
+)
 from prodsearch.settings import MODALITIES, DedupSettings, PairModelSettings
 from prodsearch.store import PointRecord, point_id
 
 BLENDED_SUFFIX = "__blended"
+#: the columns of `dedup`'s audit trail (`DedupResult.write_pairs_csv`)
+PAIR_COLUMNS = ("id", "match", "score", "probability", "min2", *MODALITIES, "matched_by")
 
 
 @dataclass(frozen=True)
@@ -141,6 +148,56 @@ class DedupResult:
             writer.writerow(["id", "matches", "cluster", "min2"])
             for pid, hood in self.neighbourhoods.items():
                 writer.writerow([pid, " ".join(hood.ids()), self.clusters[pid], int(hood.by_min2)])
+
+    def write_pairs_csv(self, path: Path) -> None:
+        """Write the audit trail: one row per (product, match) with `PAIR_COLUMNS` (the fused
+        score, the pair model's probability when it decided, min-2, each modality's engine
+        score, empty when that prefetch missed, and the signals that fired)."""
+        with path.open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(PAIR_COLUMNS)
+            for pid, hood in self.neighbourhoods.items():
+                for match in hood.matches:
+                    if match.product_id == pid:
+                        continue
+                    writer.writerow(
+                        [
+                            pid,
+                            match.product_id,
+                            round(match.score, 4),
+                            "" if match.probability is None else match.probability,
+                            int(hood.by_min2),
+                            *(
+                                round(match.scores[m], 4) if m in match.scores else ""
+                                for m in MODALITIES
+                            ),
+                            " ".join(match.matched_by),
+                        ]
+                    )
+
+
+def read_pair_verdict(path: Path, product_a: str, product_b: str) -> dict[str, Any] | None:
+    """What a `dedup` run recorded in its audit trail (`write_pairs_csv`) for B among A's matches:
+    fused score, probability (None when the fusion decided), min2, per-modality scores and the
+    signals that fired; None when that run did not match them. Raises ConfigError when the file
+    cannot be read as an audit trail."""
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            if tuple(reader.fieldnames or ()) != PAIR_COLUMNS:
+                raise ConfigError(f"{path} is not a dedup audit trail (columns {PAIR_COLUMNS})")
+            for row in reader:
+                if row["id"] == product_a and row["match"] == product_b:
+                    return {
+                        "score": float(row["score"]),
+                        "probability": float(row["probability"]) if row["probability"] else None,
+                        "min2": row["min2"] == "1",
+                        "scores": {m: float(row[m]) for m in MODALITIES if row[m]},
+                        "matched_by": row["matched_by"].split(),
+                    }
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from exc
+    return None
 
 
 def relative_filter(payload: Mapping[str, Any], options: DedupOptions) -> FilterSpec | None:
@@ -393,6 +450,19 @@ def min2_rescue(
     return rescued
 
 
+def candidate_index(index: Index) -> Index:
+    """The index that finds a product's candidates: the formula fusion with no threshold (each
+    prefetch cut at its floor)."""
+    return index.with_settings(
+        fusion="formula", formula=index.settings.formula.model_copy(update={"threshold": None})
+    )
+
+
+def candidate_limit(index: Index) -> int:
+    """How many candidates a product keeps: every prefetch's hits fit."""
+    return index.settings.prefetch_limit * len(MODALITIES)
+
+
 def collect_candidates(
     index: Index,
     products: Sequence[Any],
@@ -401,19 +471,27 @@ def collect_candidates(
     progress: Callable[[int], None] | None = None,
     checkpoint: Path | None = None,
 ) -> CandidatePairs:
-    """Every product's candidates: the formula fusion with no threshold (each prefetch cut at its
-    floor), in batched engine requests, resumable with a checkpoint like `fused_neighbours`."""
-    generator = index.with_settings(
-        fusion="formula", formula=index.settings.formula.model_copy(update={"threshold": None})
+    """Every product's candidates (`candidate_index`), in batched engine requests, resumable
+    with a checkpoint like `fused_neighbours`; candidates outside `products` are left out."""
+    results = batched_matches(
+        candidate_index(index),
+        products,
+        options,
+        candidate_limit(index),
+        batch_size,
+        progress,
+        checkpoint,
     )
-    ids = [p.payload["product_id"] for p in products]
+    return candidate_pairs(results, [p.payload["product_id"] for p in products])
+
+
+def candidate_pairs(results: Iterable[tuple[str, list[Match]]], ids: list[str]) -> CandidatePairs:
+    """Flatten (product id, its candidates) into pairs over `ids` (the product itself and
+    candidates not in `ids` left out)."""
     position = {pid: i for i, pid in enumerate(ids)}
     query, candidate, total = array("l"), array("l"), array("d")
     scores = {m: array("d") for m in MODALITIES}
-    k = index.settings.prefetch_limit * len(MODALITIES)
-    for pid, matches in batched_matches(
-        generator, products, options, k, batch_size, progress, checkpoint
-    ):
+    for pid, matches in results:
         for m in matches:
             other = position.get(m.product_id)
             if other is None or m.product_id == pid:
@@ -425,10 +503,8 @@ def collect_candidates(
                 values.append(m.scores.get(modality, np.nan))
     return CandidatePairs(
         ids=ids,
-        query=np.frombuffer(query, dtype=np.int64) if len(query) else np.zeros(0, np.int64),
-        candidate=np.frombuffer(candidate, dtype=np.int64)
-        if len(candidate)
-        else np.zeros(0, np.int64),
+        query=np.asarray(query, dtype=np.int64),
+        candidate=np.asarray(candidate, dtype=np.int64),
         total=np.asarray(total, dtype=np.float64),
         scores={m: np.asarray(v, dtype=np.float64) for m, v in scores.items()},
     )
@@ -505,6 +581,17 @@ def pair_neighbours(
     return out, rescued
 
 
+def pair_model_mismatch(model: PairModel, products: Sequence[Any], collection: str) -> str | None:
+    """Why the pair model cannot score these products (it reads other modalities), or None."""
+    stored = [m for m in MODALITIES if any(m in p.vectors for p in products)]
+    if set(model.modalities) == set(stored):
+        return None
+    return (
+        f"the pair model was fitted on modalities {list(model.modalities)}; the products "
+        f"of collection {collection!r} have vectors for {stored}"
+    )
+
+
 def capped_components(
     edges: Sequence[tuple[float, str, str]], ids: Sequence[str], cap: int
 ) -> dict[str, int]:
@@ -562,20 +649,15 @@ def run_dedup(
     start = time.perf_counter()
     products = list(stored_products(index))
     seconds["read vectors"] = time.perf_counter() - start
-    if model is not None:
-        stored = [m for m in MODALITIES if any(m in p.vectors for p in products)]
-        if set(model.modalities) != set(stored):
-            problem = (
-                f"the pair model was fitted on modalities {list(model.modalities)}; the products "
-                f"of collection {index.collection!r} have vectors for {stored}"
+    problem = pair_model_mismatch(model, products, index.collection) if model else None
+    if problem:
+        if not options.pair_model_fallback:
+            raise ConfigError(
+                f"{problem}: fit one on a labelled sample of this catalog with `prodsearch "
+                "eval --write-settings`, or pass --no-pair-model"
             )
-            if not options.pair_model_fallback:
-                raise ConfigError(
-                    f"{problem}: fit one on a labelled sample of this catalog with `prodsearch "
-                    "eval --write-settings`, or pass --no-pair-model"
-                )
-            notes.append(f"{problem}: matched with the fusion instead")
-            model = None
+        notes.append(f"{problem}: matched with the fusion instead")
+        model = None
     index_filter_fields(index, products, options.filter_keys())
 
     def step(name: str) -> Callable[[int], None]:
@@ -644,7 +726,7 @@ def _pair_model_dedup(
     seconds["candidates"] = time.perf_counter() - start
     start = time.perf_counter()
     features = candidate_features(index, products, pairs, model.modalities, knobs)
-    probabilities = model.probabilities(features)
+    probabilities = model.probabilities(pairs, features)
     floors = {m: index.settings.formula.floors.get(m) for m in MODALITIES}
     neighbours, rescued = pair_neighbours(pairs, probabilities, knobs, floors, options.min2)
     seconds["pair model"] = time.perf_counter() - start

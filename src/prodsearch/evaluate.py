@@ -209,10 +209,10 @@ class EvalResult:
 
     def write_settings(self, path: Path) -> None:
         """Write the tuned thresholds and fusion as a prodsearch settings TOML file, and the pair
-        model beside it (`<name>.pair_model.txt`, which the file points to)."""
+        model beside it (`<name>.pair_model.json`, which the file points to)."""
         tuned = self.tuned
         if self.pair_model is not None:
-            model_path = path.with_name(path.stem + ".pair_model.txt")
+            model_path = path.with_name(path.stem + ".pair_model.json")
             self.pair_model.save(model_path)
             pair = {**tuned["dedup"]["pair_model"], "model": str(model_path.resolve())}
             tuned = {**tuned, "dedup": {**tuned["dedup"], "pair_model": pair}}
@@ -670,13 +670,11 @@ def _fit_pair_model(
     split: SplitData, settings: Settings, modalities: list[str]
 ) -> tuple[PairModel, Any, float, float]:
     """Fit the pair model on the candidate pairs of the split's own products; tune its match and
-    min-2 probability thresholds for row F1 on out-of-fold probabilities (5 group-disjoint folds).
+    min-2 probability thresholds for row F1 on out-of-fold probabilities (group-disjoint folds).
 
-    Returns the model (fitted on every pair), its knobs, and the out-of-fold F1 without and with
-    min-2.
+    Returns the model (fitted on every own pair), its knobs, and the out-of-fold F1 without and
+    with min-2.
     """
-    from sklearn.model_selection import GroupKFold
-
     from prodsearch.dedup import (
         DedupOptions,
         candidate_features,
@@ -695,13 +693,8 @@ def _fit_pair_model(
     labels = split.catalog_labels
     same = labels[query] == labels[candidate]
     own = query < split.n_queries  # fitted and tuned on the split's own products only
-    features, same, query = features[own], same[own], query[own]
-    groups = labels[query]
-    probability = np.zeros(len(features))
-    folds = GroupKFold(n_splits=min(5, len(set(groups.tolist()))))
-    for fit_rows, held_out in folds.split(features, same, groups):
-        fold_model = PairModel.fit(features[fit_rows], same[fit_rows], modalities)
-        probability[held_out] = fold_model.probabilities(features[held_out])
+    model, probability = PairModel.fit(pairs, features, same, labels[query], modalities, own)
+    probability, same, query = probability[own], same[own], query[own]
     n = split.n_queries
     truth_sizes = np.array([len(t) for t in split.truth], dtype=float)
 
@@ -725,7 +718,7 @@ def _fit_pair_model(
     with_min2 = selected.copy()
     with_min2[lonely[probability[lonely] >= min2_threshold]] = True
     tuned = knobs.model_copy(update={"threshold": threshold, "min2_threshold": min2_threshold})
-    return PairModel.fit(features, same, modalities), tuned, f1(selected), f1(with_min2)
+    return model, tuned, f1(selected), f1(with_min2)
 
 
 def _postprocess(
@@ -834,8 +827,8 @@ def _postprocess(
     console.print("dedup: fitting the pair model on val")
     model, knobs, plain_f1, min2_f1 = _fit_pair_model(val, settings, modalities)
     with tempfile.TemporaryDirectory(prefix="prodsearch-pair-model-") as folder:
-        model.save(Path(folder) / "pair_model.txt")
-        knobs = knobs.model_copy(update={"model": Path(folder) / "pair_model.txt"})
+        model.save(Path(folder) / "pair_model.json")
+        knobs = knobs.model_copy(update={"model": Path(folder) / "pair_model.json"})
         pair_settings = settings.model_copy(
             update={"dedup": settings.dedup.model_copy(update={"pair_model": knobs})}
         )

@@ -16,23 +16,35 @@ gradient-boosted trees (LightGBM) score each (product, candidate) pair from:
   number sets (-1 when either has none), `numbers_disjoint` (both have numbers, none shared),
   `numbers_one_sided` (only one title has numbers).
 
+The model is **stacked** (`STAGES` stages): each stage's probabilities are made symmetric (the
+mean of the pair's two directions where both are candidates) and become graph features of the
+next (`STAGE_FEATURES`: the previous probability, the two products' shared probable neighbours,
+their numbers of probable neighbours, the pair's rank and gap to each product's best), so a
+pair's verdict draws on the verdicts around it, as the Kaggle Shopee winners' graph features did.
+Each stage is fitted on the previous stage's out-of-fold probabilities (group-disjoint folds).
+
 `prodsearch eval` fits the model on `val` (thresholds tuned on out-of-fold probabilities); the
-shipped one is in `assets/pair_model.txt` (LightGBM's text format, feature names included).
+shipped one is `assets/pair_model.json` (every stage in LightGBM's text format, feature names
+included).
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from prodsearch.errors import ConfigError
 
-SHIPPED_PAIR_MODEL = Path(__file__).resolve().parent / "assets" / "pair_model.txt"
+SHIPPED_PAIR_MODEL = Path(__file__).resolve().parent / "assets" / "pair_model.json"
+MODEL_FORMAT = "prodsearch pair model 2"
 #: modalities whose vectors are blended into a `blended_<m>` feature (dense, learned)
 BLENDED_MODALITIES = ("text", "charcnn", "image")
 GRAPH_FEATURES = (
@@ -46,6 +58,22 @@ GRAPH_FEATURES = (
     "reverse_total",
 )
 NUMBER_FEATURES = ("numbers_jaccard", "numbers_disjoint", "numbers_one_sided")
+#: graph features of a later stage, from the previous stage's symmetric probabilities
+STAGE_FEATURES = (
+    "previous",
+    "shared_weight",
+    "shared_count",
+    "previous_size",
+    "previous_candidate_size",
+    "previous_rank",
+    "previous_gap",
+    "previous_candidate_gap",
+)
+#: stages of the stacked model and out-of-fold folds of its fit (chosen on Shopee val: README)
+STAGES = 3
+FOLDS = 5
+#: a previous-stage probability that counts a candidate as a probable neighbour
+PROBABLE = 0.5
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)?")
 #: LightGBM parameters of the fit (fixed seed, deterministic on any thread count)
 LGBM_PARAMS = {
@@ -75,13 +103,15 @@ class CandidatePairs:
     scores: dict[str, np.ndarray]
 
 
-def feature_names(modalities: Sequence[str]) -> list[str]:
-    """The features of a pair model over these modalities, in the model's column order."""
+def feature_names(modalities: Sequence[str], stage: int = 1) -> list[str]:
+    """The features a stage of a pair model over these modalities reads, in column order (the
+    pair features, then from stage 2 on the previous stage's graph features)."""
     return [
         *(f"score_{m}" for m in modalities),
         *GRAPH_FEATURES,
         *(f"blended_{m}" for m in modalities if m in BLENDED_MODALITIES),
         *NUMBER_FEATURES,
+        *(STAGE_FEATURES if stage > 1 else ()),
     ]
 
 
@@ -173,48 +203,157 @@ def _number_features(mine: frozenset[str], theirs: frozenset[str]) -> tuple[floa
     return shared / len(mine | theirs), float(shared == 0), 0.0
 
 
+def symmetric(pairs: CandidatePairs, probabilities: np.ndarray) -> np.ndarray:
+    """Each pair's probability averaged with its reverse pair's, where both are candidates."""
+    frame = pd.Series(
+        probabilities, index=pd.MultiIndex.from_arrays([pairs.query, pairs.candidate])
+    )
+    reverse = frame.reindex(pd.MultiIndex.from_arrays([pairs.candidate, pairs.query])).to_numpy()
+    return np.where(np.isnan(reverse), probabilities, (probabilities + reverse) / 2)
+
+
+def stage_features(pairs: CandidatePairs, previous: np.ndarray) -> np.ndarray:
+    """The graph features (`STAGE_FEATURES`) of every pair from the previous stage's symmetric
+    probabilities: the previous probability; over candidates x of both products, the sum of
+    P(a, x) * P(b, x) and the count of x probable for both; each product's number of probable
+    neighbours; the pair's rank by probability among the product's candidates, and its gap to
+    the product's and to the candidate's best probability (-1 when the candidate has none)."""
+    n = len(pairs.ids)
+    weights = sp.csr_matrix((previous, (pairs.query, pairs.candidate)), shape=(n, n))
+    probable = sp.csr_matrix(
+        ((previous >= PROBABLE).astype(np.float64), (pairs.query, pairs.candidate)), shape=(n, n)
+    )
+    shared_weight = np.asarray((weights @ weights.T)[pairs.query, pairs.candidate]).ravel()
+    shared_count = np.asarray((probable @ probable.T)[pairs.query, pairs.candidate]).ravel()
+    sizes = np.asarray(probable.sum(axis=1)).ravel()
+    by_query = pd.Series(previous).groupby(pairs.query)
+    best = by_query.transform("max").to_numpy()
+    best_of = np.full(n, np.nan)
+    best_of[by_query.max().index.to_numpy()] = by_query.max().to_numpy()
+    candidate_gap = np.nan_to_num(best_of[pairs.candidate] - previous, nan=-1.0)
+    return np.column_stack(
+        [
+            previous,
+            shared_weight,
+            shared_count,
+            sizes[pairs.query],
+            sizes[pairs.candidate],
+            by_query.rank(ascending=False).to_numpy(),
+            best - previous,
+            candidate_gap,
+        ]
+    )
+
+
 @dataclass
 class PairModel:
-    """A fitted pair model: LightGBM trees and the modalities their features read."""
+    """A fitted pair model: one LightGBM booster per stage, and the modalities they read."""
 
-    booster: object
+    boosters: list[Any]
     modalities: tuple[str, ...]
 
     @classmethod
     def load(cls, path: Path | None = None) -> PairModel:
-        """Load a model file (None: the shipped one); its feature names give its modalities."""
+        """Load a model file (None: the shipped one); its feature names give its modalities.
+
+        Raises ConfigError when the file is missing, is not a pair model, or reads features
+        this version does not compute."""
         import lightgbm
 
-        path = path or SHIPPED_PAIR_MODEL
-        if not Path(path).is_file():
+        path = Path(path or SHIPPED_PAIR_MODEL)
+        if not path.is_file():
             raise ConfigError(f"pair model file {path} does not exist")
-        booster = lightgbm.Booster(model_file=str(path))
-        names = booster.feature_name()
-        modalities = tuple(n.removeprefix("score_") for n in names if n.startswith("score_"))
-        if names != feature_names(modalities):
-            raise ConfigError(
-                f"{path}: its features {names} are not those of this version "
-                f"({feature_names(modalities)}); fit a new one with `prodsearch eval`"
-            )
-        return cls(booster, modalities)
+        try:
+            document = json.loads(path.read_text(encoding="utf-8"))
+            if document.get("format") != MODEL_FORMAT:
+                raise ValueError(f"format {document.get('format')!r}, expected {MODEL_FORMAT!r}")
+            boosters = [lightgbm.Booster(model_str=text) for text in document["stages"]]
+            modalities = tuple(document["modalities"])
+        except (
+            ValueError,
+            KeyError,
+            TypeError,
+            AttributeError,
+            lightgbm.basic.LightGBMError,
+        ) as exc:
+            raise ConfigError(f"{path} is not a prodsearch pair model: {exc}") from exc
+        for stage, booster in enumerate(boosters, start=1):
+            if booster.feature_name() != feature_names(modalities, stage):
+                raise ConfigError(
+                    f"{path}: stage {stage} reads features {booster.feature_name()}, not those "
+                    f"of this version ({feature_names(modalities, stage)}); fit a new one with "
+                    "`prodsearch eval`"
+                )
+        return cls(boosters, modalities)
 
     @classmethod
-    def fit(cls, features: np.ndarray, same: np.ndarray, modalities: Sequence[str]) -> PairModel:
-        """Fit the trees on labelled pairs (`same`: the two products are one product)."""
-        import lightgbm
+    def fit(
+        cls,
+        pairs: CandidatePairs,
+        features: np.ndarray,
+        same: np.ndarray,
+        groups: np.ndarray,
+        modalities: Sequence[str],
+        train: np.ndarray,
+        stages: int = STAGES,
+    ) -> tuple[PairModel, np.ndarray]:
+        """Fit the stacked model on the labelled pairs flagged in `train` (`same`: the two
+        products are one product; `groups`: each pair's query product's group, so that folds
+        never split a group).
 
-        data = lightgbm.Dataset(
-            features, label=same.astype(np.float64), feature_name=feature_names(modalities)
-        )
-        booster = lightgbm.train(LGBM_PARAMS, data, num_boost_round=LGBM_ROUNDS)
-        return cls(booster, tuple(modalities))
+        Returns the model and the final symmetric probabilities of every pair: out of fold for
+        the training pairs (each stage's folds fitted on the previous stage's out-of-fold
+        probabilities), from the fitted model for the others. Raises ConfigError with fewer
+        than two groups.
+        """
+        from sklearn.model_selection import GroupKFold
 
-    def probabilities(self, features: np.ndarray) -> np.ndarray:
-        """The probability that each pair is one product."""
+        rows = np.flatnonzero(train)
+        n_groups = len(set(groups[rows].tolist()))
+        if n_groups < 2:
+            raise ConfigError("fitting a pair model needs labelled pairs of two groups or more")
+        folds = list(GroupKFold(n_splits=min(FOLDS, n_groups)).split(rows, groups=groups[rows]))
+        label = same.astype(np.float64)
+        boosters = []
+        inputs = features
+        for stage in range(1, stages + 1):
+            names = feature_names(modalities, stage)
+            probability = np.empty(len(inputs))
+            for fit_rows, held_out in folds:
+                fold = _train(inputs[rows[fit_rows]], label[rows[fit_rows]], names)
+                probability[rows[held_out]] = fold.predict(inputs[rows[held_out]])
+            boosters.append(_train(inputs[rows], label[rows], names))
+            rest = np.ones(len(inputs), dtype=bool)
+            rest[rows] = False
+            if rest.any():
+                probability[rest] = boosters[-1].predict(inputs[rest])
+            probability = symmetric(pairs, probability)
+            inputs = np.column_stack([features, stage_features(pairs, probability)])
+        return cls(boosters, tuple(modalities)), probability
+
+    def probabilities(self, pairs: CandidatePairs, features: np.ndarray) -> np.ndarray:
+        """The probability that each candidate pair is one product (`features`: `pair_features`
+        of `pairs`), symmetric in the pair's two directions."""
         if len(features) == 0:
             return np.zeros(0)
-        return np.asarray(self.booster.predict(features), dtype=np.float64)  # type: ignore[attr-defined]
+        inputs, probability = features, np.zeros(0)
+        for booster in self.boosters:
+            probability = symmetric(pairs, np.asarray(booster.predict(inputs), dtype=np.float64))
+            inputs = np.column_stack([features, stage_features(pairs, probability)])
+        return probability
 
     def save(self, path: Path) -> None:
-        """Write the model in LightGBM's text format."""
-        self.booster.save_model(str(path))  # type: ignore[attr-defined]
+        """Write the model: every stage in LightGBM's text format, in one JSON file."""
+        document = {
+            "format": MODEL_FORMAT,
+            "modalities": list(self.modalities),
+            "stages": [booster.model_to_string() for booster in self.boosters],
+        }
+        path.write_text(json.dumps(document), encoding="utf-8")
+
+
+def _train(inputs: np.ndarray, label: np.ndarray, names: list[str]) -> Any:
+    import lightgbm
+
+    data = lightgbm.Dataset(inputs, label=label, feature_name=names)
+    return lightgbm.train(LGBM_PARAMS, data, num_boost_round=LGBM_ROUNDS)

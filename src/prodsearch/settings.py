@@ -49,7 +49,7 @@ class Thresholds(ModalityValues):
     """Per-modality prefetch score thresholds (RRF and DBSF fusion)."""
 
     text: float = 0.52
-    chars: float = 0.54
+    chars: float = 0.6
     charcnn: float = 0.75
     image: float = 0.75
     phash: float = 0.8125
@@ -58,11 +58,11 @@ class Thresholds(ModalityValues):
 class FormulaWeights(ModalityValues):
     """Per-modality weights of the formula fusion."""
 
-    text: float = 1.25
+    text: float = 2.0
     chars: float = 1.0
     charcnn: float = 0.5
     image: float = 0.88
-    phash: float = 1.25
+    phash: float = 1.5
 
 
 class FormulaFloors(ModalityValues):
@@ -80,7 +80,7 @@ class FormulaSettings(BaseModel):
     missed the product) must reach `threshold`; prefetches keep candidates above `floors`."""
 
     weights: FormulaWeights = FormulaWeights()
-    threshold: float | None = 1.0048
+    threshold: float | None = 1.3584
     floors: FormulaFloors = FormulaFloors()
 
 
@@ -93,20 +93,22 @@ class SearchSettings(BaseModel):
 
 
 class PairModelSettings(BaseModel):
-    """Whole-catalog re-scoring of fused candidates (`prodsearch dedup`): gradient-boosted trees
-    over each candidate pair's engine scores, neighbourhood and title features (pair_model.py
-    lists them); `prodsearch eval` fits one on `val` and tunes its thresholds."""
+    """Whole-catalog re-scoring of fused candidates (`prodsearch dedup`): stacked gradient-boosted
+    trees over each candidate pair's engine scores, neighbourhood and title features
+    (pair_model.py lists them); `prodsearch eval` fits one on `val` and tunes its thresholds.
+    The shipped model saw candidates of the default formula (weights and threshold): change
+    those and fit a new one."""
 
     enabled: bool = Field(True, description="Decide matches with the pair model (dedup only).")
     model: Path | None = Field(
-        None, description="LightGBM model file; None = the shipped one (fitted on Shopee val)."
+        None, description="Pair model file; None = the shipped one (fitted on Shopee val)."
     )
     neighbour_threshold: float = Field(
         0.8, description="Formula score a candidate needs to count in a neighbourhood."
     )
-    threshold: float = Field(0.5, description="Probability a match must reach.")
+    threshold: float = Field(0.32, description="Probability a match must reach.")
     min2_threshold: float = Field(
-        0.3, description="Probability a lone product's best candidate must reach (min-2)."
+        0.32, description="Probability a lone product's best candidate must reach (min-2)."
     )
 
 
@@ -115,13 +117,13 @@ class DedupSettings(BaseModel):
 
     blend_rounds: int = Field(1, ge=0, le=3, description="Neighbourhood-blending rounds.")
     min2: bool = Field(True, description="A product left alone takes a close best neighbour.")
-    min2_threshold: float = Field(1.14, description="Formula score the min-2 neighbour must reach.")
+    min2_threshold: float = Field(0.85, description="Formula score the min-2 neighbour must reach.")
     max_cluster_size: int = Field(50, ge=1, description="No duplicate cluster grows past this.")
     pair_model: PairModelSettings = PairModelSettings()
     blended: SearchSettings = SearchSettings(
         fusion="rrf",
         thresholds=Thresholds(text=0.74, chars=0.69, phash=0.8125),
-        formula=FormulaSettings(weights=FormulaWeights(text=2.0, phash=2.0), threshold=1.8524),
+        formula=FormulaSettings(weights=FormulaWeights(text=1.5, phash=1.5), threshold=1.4731),
     )
 
 
