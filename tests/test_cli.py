@@ -151,15 +151,17 @@ def test_dedup_and_explain_commands(tmp_path: Path) -> None:
     assert summary["pairs"] == str(audit)
     rows = list(csv.DictReader(audit.open()))
     assert len(rows) == sum(len(m.split(" ")) - 1 for _, m in pairs)
-    recorded = json.loads(
-        run("explain", pid, others[0], "--store", store, "--pairs", str(audit), "--json").stdout
-    )["dedup"]
-    assert recorded["probability"] is None  # the fusion decided
-    assert set(recorded["matched_by"]) <= set(recorded["scores"])
     # blending replaced the dense vectors (text, image) the dedup scores come from; the chars
     # and phash vectors it searched with are the stored ones, whose scores explain shows
-    assert {"chars", "phash"} <= set(recorded["scores"])
-    for modality in ("chars", "phash"):
+    row = next(r for r in rows if r["chars"] or r["phash"])
+    command = ("explain", row["id"], row["match"], "--store", store, "--json")
+    explained = json.loads(run(*command).stdout)
+    recorded = json.loads(run(*command, "--pairs", str(audit)).stdout)["dedup"]
+    assert recorded["probability"] is None  # the fusion decided
+    assert set(recorded["matched_by"]) <= set(recorded["scores"])
+    unblended = {"chars", "phash"} & set(recorded["scores"])
+    assert unblended
+    for modality in unblended:
         assert explained["scores"][modality] == pytest.approx(
             recorded["scores"][modality], abs=1e-3
         )

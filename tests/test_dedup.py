@@ -137,7 +137,8 @@ def test_capped_components_join_strongest_edges_first() -> None:
 
 
 @needs_shopee
-def test_relative_filters_are_applied_by_the_engine(shopee_index) -> None:
+@pytest.mark.parametrize("decider", ["fusion", "pair model"])
+def test_relative_filters_are_applied_by_the_engine(shopee_index, decider) -> None:
     payloads = {p.payload["product_id"]: p.payload for p in stored_products(shopee_index)}
     options = DedupOptions(
         min2=True,
@@ -145,8 +146,10 @@ def test_relative_filters_are_applied_by_the_engine(shopee_index) -> None:
         same=("category",),
         different=("seller",),
         within=(("price", 0.5),),
+        pair_model=Settings().dedup.pair_model if decider == "pair model" else None,
     )
     result = run_dedup(shopee_index, options)
+    assert result.decided_by == decider
     schema = shopee_index.store._shard("products").info().payload_schema
     assert {"category", "seller", "price"} <= set(schema), "the engine indexes filtered fields"
     checked = 0

@@ -450,19 +450,6 @@ def min2_rescue(
     return rescued
 
 
-def candidate_index(index: Index) -> Index:
-    """The index that finds a product's candidates: the formula fusion with no threshold (each
-    prefetch cut at its floor)."""
-    return index.with_settings(
-        fusion="formula", formula=index.settings.formula.model_copy(update={"threshold": None})
-    )
-
-
-def candidate_limit(index: Index) -> int:
-    """How many candidates a product keeps: every prefetch's hits fit."""
-    return index.settings.prefetch_limit * len(MODALITIES)
-
-
 def collect_candidates(
     index: Index,
     products: Sequence[Any],
@@ -471,17 +458,14 @@ def collect_candidates(
     progress: Callable[[int], None] | None = None,
     checkpoint: Path | None = None,
 ) -> CandidatePairs:
-    """Every product's candidates (`candidate_index`), in batched engine requests, resumable
-    with a checkpoint like `fused_neighbours`; candidates outside `products` are left out."""
-    results = batched_matches(
-        candidate_index(index),
-        products,
-        options,
-        candidate_limit(index),
-        batch_size,
-        progress,
-        checkpoint,
+    """Every product's candidates: the formula fusion with no threshold (each prefetch cut at its
+    floor, every prefetch's hits kept), in batched engine requests, resumable with a checkpoint
+    like `fused_neighbours`; candidates outside `products` are left out."""
+    generator = index.with_settings(
+        fusion="formula", formula=index.settings.formula.model_copy(update={"threshold": None})
     )
+    k = index.settings.prefetch_limit * len(MODALITIES)
+    results = batched_matches(generator, products, options, k, batch_size, progress, checkpoint)
     return candidate_pairs(results, [p.payload["product_id"] for p in products])
 
 

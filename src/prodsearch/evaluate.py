@@ -833,7 +833,7 @@ def _postprocess(
             update={"dedup": settings.dedup.model_copy(update={"pair_model": knobs})}
         )
         report(
-            "dedup: pair model (trees over candidates' scores, neighbourhoods, titles)",
+            "dedup: pair model (stacked trees over candidates; val F1 in-sample, see config)",
             {"threshold": knobs.threshold, "val_f1_out_of_fold": round(plain_f1, 4)},
             pair_settings,
             DedupOptions(min2=False, pair_model=knobs),

@@ -74,6 +74,8 @@ STAGES = 3
 FOLDS = 5
 #: a previous-stage probability that counts a candidate as a probable neighbour
 PROBABLE = 0.5
+#: pairs per chunk of the shared-neighbour sums
+ROW_DOT_CHUNK = 65_536
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)?")
 #: LightGBM parameters of the fit (fixed seed, deterministic on any thread count)
 LGBM_PARAMS = {
@@ -137,19 +139,16 @@ def pair_features(
     frame["rank"] = by_query.rank(ascending=False)
     frame["best"] = by_query.transform("max")
     frame["gap"] = frame["best"] - frame["total"]
+    # neighbourhoods: the close candidates and the product itself, as rows of a sparse matrix
     close = pairs.total >= neighbour_threshold
-    neighbourhood: dict[int, set[int]] = {}
-    for q, c in zip(pairs.query[close].tolist(), pairs.candidate[close].tolist(), strict=True):
-        neighbourhood.setdefault(q, set()).add(c)
-    sizes = np.zeros(len(pairs.ids))
-    for q, members in neighbourhood.items():
-        sizes[q] = len(members)
-    empty: set[int] = set()
-    jaccard = []
-    for q, c in zip(pairs.query.tolist(), pairs.candidate.tolist(), strict=True):
-        mine, theirs = neighbourhood.get(q, empty) | {q}, neighbourhood.get(c, empty) | {c}
-        jaccard.append(len(mine & theirs) / len(mine | theirs))
-    frame["jaccard"] = jaccard
+    n = len(pairs.ids)
+    rows = np.concatenate([pairs.query[close], np.arange(n)])
+    columns = np.concatenate([pairs.candidate[close], np.arange(n)])
+    neighbourhood = sp.csr_matrix((np.ones(len(rows)), (rows, columns)), shape=(n, n))
+    members = np.asarray(neighbourhood.sum(axis=1)).ravel()
+    shared = _row_dots(neighbourhood, pairs.query, pairs.candidate)
+    frame["jaccard"] = shared / (members[pairs.query] + members[pairs.candidate] - shared)
+    sizes = members - 1
     frame["size"] = sizes[pairs.query]
     frame["candidate_size"] = sizes[pairs.candidate]
     reverse = frame.set_index(["query", "candidate"])["total"]
@@ -160,9 +159,7 @@ def pair_features(
         frame[f"score_{modality}"] = pairs.scores[modality]
         if modality in BLENDED_MODALITIES:
             blended = _blended(pairs, modality, dense[modality], blend_threshold)
-            frame[f"blended_{modality}"] = np.einsum(
-                "ij,ij->i", blended[pairs.query], blended[pairs.candidate]
-            )
+            frame[f"blended_{modality}"] = _row_dots(blended, pairs.query, pairs.candidate)
     numbers = [title_numbers(t) for t in titles]
     frame["numbers_jaccard"], frame["numbers_disjoint"], frame["numbers_one_sided"] = (
         zip(
@@ -223,13 +220,14 @@ def stage_features(pairs: CandidatePairs, previous: np.ndarray) -> np.ndarray:
     probable = sp.csr_matrix(
         ((previous >= PROBABLE).astype(np.float64), (pairs.query, pairs.candidate)), shape=(n, n)
     )
-    shared_weight = np.asarray((weights @ weights.T)[pairs.query, pairs.candidate]).ravel()
-    shared_count = np.asarray((probable @ probable.T)[pairs.query, pairs.candidate]).ravel()
+    shared_weight = _row_dots(weights, pairs.query, pairs.candidate)
+    shared_count = _row_dots(probable, pairs.query, pairs.candidate)
     sizes = np.asarray(probable.sum(axis=1)).ravel()
     by_query = pd.Series(previous).groupby(pairs.query)
-    best = by_query.transform("max").to_numpy()
-    best_of = np.full(n, np.nan)
-    best_of[by_query.max().index.to_numpy()] = by_query.max().to_numpy()
+    maxima = by_query.max()
+    best_of = np.full(n, np.nan)  # each product's best probability (NaN: no candidates)
+    best_of[maxima.index.to_numpy()] = maxima.to_numpy()
+    best = best_of[pairs.query]
     candidate_gap = np.nan_to_num(best_of[pairs.candidate] - previous, nan=-1.0)
     return np.column_stack(
         [
@@ -243,6 +241,23 @@ def stage_features(pairs: CandidatePairs, previous: np.ndarray) -> np.ndarray:
             candidate_gap,
         ]
     )
+
+
+def _row_dots(
+    matrix: np.ndarray | sp.csr_matrix, left: np.ndarray, right: np.ndarray
+) -> np.ndarray:
+    """The dot product of rows `left[i]` and `right[i]` of a dense or sparse matrix, for every
+    i, in chunks: memory grows with the chunk, not with the pairs times the row width (nor, for a
+    sparse matrix, with its much larger product by itself)."""
+    out = np.zeros(len(left))
+    for start in range(0, len(left), ROW_DOT_CHUNK):
+        end = start + ROW_DOT_CHUNK
+        mine, theirs = matrix[left[start:end]], matrix[right[start:end]]
+        if sp.issparse(matrix):
+            out[start:end] = np.asarray(mine.multiply(theirs).sum(axis=1)).ravel()
+        else:
+            out[start:end] = np.einsum("ij,ij->i", mine, theirs)
+    return out
 
 
 @dataclass
