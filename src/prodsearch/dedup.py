@@ -14,9 +14,11 @@ Pipeline (each step switchable, each knob tuned on `val` by `prodsearch eval`):
 
 Or, instead of steps 1-3, the **pair model** (`pair_model`, the default where it covers the
 collection's modalities): every product's candidates (the formula fusion without its threshold)
-are scored by a logistic regression over the pair's engine scores and neighbourhood features
-(rank, gap to the best, overlap of the two neighbourhoods, the reverse pair's score); a pair
-matches when its probability reaches the model's threshold, and min-2 uses a looser one.
+are scored by the stacked trees of `pair_model.py` (engine scores, neighbourhood, blended-vector
+and title features, then graph features of the previous stage's probabilities); a pair matches
+when its probability reaches the model's threshold, min-2 uses a looser one, then clusters.
+Either way `DedupResult.write_pairs_csv` writes the audit trail: every match with its scores,
+the signals that fired and its probability.
 """
 
 from __future__ import annotations
