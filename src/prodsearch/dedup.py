@@ -286,11 +286,12 @@ def batched_matches(
     requests; the products a checkpoint holds first (read back from it), then the others (each
     finished batch appended to the checkpoint)."""
     fingerprint = _fingerprint(index, len(products), options, k)
-    done = _checkpointed_ids(checkpoint, fingerprint) if checkpoint else set()
-    if done:
-        yield from _read_checkpoint(checkpoint, fingerprint)  # type: ignore[arg-type]
-        if progress:
-            progress(len(done))
+    done: set[str] = set()
+    for record in _checkpoint_lines(checkpoint, fingerprint) if checkpoint else ():
+        done.add(record["id"])
+        yield record["id"], [_unslim(m) for m in record["matches"]]
+    if done and progress:
+        progress(len(done))
     todo = [p for p in products if p.payload["product_id"] not in done]
     handle = None
     if checkpoint:
@@ -349,7 +350,8 @@ def _fingerprint(index: Index, n_products: int, options: DedupOptions, k: int) -
 
 
 def _checkpoint_lines(path: Path, fingerprint: str) -> Iterator[dict[str, Any]]:
-    """The records of a checkpoint written with this fingerprint, up to a line cut by a kill."""
+    """The records of a checkpoint written with this fingerprint (a previous run on the same
+    collection and settings), up to a line cut by a kill."""
     if not path.is_file():
         return
     with path.open(encoding="utf-8") as handle:
@@ -364,16 +366,6 @@ def _checkpoint_lines(path: Path, fingerprint: str) -> Iterator[dict[str, Any]]:
                 yield json.loads(line)
             except json.JSONDecodeError:  # a line cut by the kill: that batch is redone
                 return
-
-
-def _checkpointed_ids(path: Path | None, fingerprint: str) -> set[str]:
-    """The products a previous run finished, if it ran on the same collection and settings."""
-    return {record["id"] for record in _checkpoint_lines(path, fingerprint)} if path else set()
-
-
-def _read_checkpoint(path: Path, fingerprint: str) -> Iterator[tuple[str, list[Match]]]:
-    for record in _checkpoint_lines(path, fingerprint):
-        yield record["id"], [_unslim(m) for m in record["matches"]]
 
 
 def blended_vectors(
@@ -468,10 +460,12 @@ def collect_candidates(
     )
     k = index.settings.prefetch_limit * len(MODALITIES)
     results = batched_matches(generator, products, options, k, batch_size, progress, checkpoint)
-    return candidate_pairs(results, [p.payload["product_id"] for p in products])
+    return _flatten_candidates(results, [p.payload["product_id"] for p in products])
 
 
-def candidate_pairs(results: Iterable[tuple[str, list[Match]]], ids: list[str]) -> CandidatePairs:
+def _flatten_candidates(
+    results: Iterable[tuple[str, list[Match]]], ids: list[str]
+) -> CandidatePairs:
     """Flatten (product id, its candidates) into pairs over `ids` (the product itself and
     candidates not in `ids` left out)."""
     position = {pid: i for i, pid in enumerate(ids)}
@@ -503,8 +497,9 @@ def candidate_features(
     modalities: Sequence[str],
     knobs: PairModelSettings,
 ) -> np.ndarray:
-    """The pair model's features of every candidate pair, from the products' stored vectors and
-    titles (products in `pairs.ids` order) and the index's formula threshold."""
+    """The pair model's features of every candidate pair (`pair_features`), from the stored
+    vectors and titles of `products` (every product `pairs.ids` names, in any order) and the
+    index's formula threshold (the blending threshold)."""
     by_id = {p.payload["product_id"]: p for p in products}
     ordered = [by_id[pid] for pid in pairs.ids]
     dense = {}

@@ -745,7 +745,6 @@ def _postprocess(
         tuned: Settings,
         options: DedupOptions,
         clusters: bool = False,
-        simulated: float | None = None,
     ) -> None:
         console.print(f"dedup: {method} on val and test")
         sets = _cluster_sets if clusters else _dedup_sets
@@ -755,7 +754,6 @@ def _postprocess(
                 config,
                 row_scores(sets(val, tuned, options), val.truth),
                 row_scores(sets(test, tuned, options), test.truth),
-                None if simulated is None else round(simulated, 4),
             )
         )
 
