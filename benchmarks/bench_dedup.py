@@ -29,9 +29,9 @@ def one_size(data: Path, size: int, workdir: Path) -> dict:
     from rich.console import Console
 
     from prodsearch.catalog import read_catalog
-    from prodsearch.dedup import DedupOptions, run_dedup
     from prodsearch.index import Index
     from prodsearch.ingest import ingest_catalog
+    from prodsearch.matching.dedup import run_dedup
     from prodsearch.recipes import load_recipe
 
     frame = pd.read_csv(data / "shopee" / "train.csv")
@@ -56,10 +56,10 @@ def one_size(data: Path, size: int, workdir: Path) -> dict:
         console=Console(stderr=True, quiet=True),
     )
     timings["ingest (read, encode, upsert, HNSW)"] = time.perf_counter() - start
-    result = run_dedup(index, DedupOptions.from_settings(index.settings.dedup))
+    result = run_dedup(index)
     timings.update(result.seconds)
     start = time.perf_counter()
-    result.write_csv(workdir / "matches.csv")
+    result.write(workdir / "matches.csv")
     timings["write csv"] = time.perf_counter() - start
     index.close()
     return {

@@ -33,11 +33,10 @@ from rich.console import Console
 from prodsearch.catalog import read_catalog
 from prodsearch.encoders import EncoderInput, EncoderSet, compute_phash
 from prodsearch.images import load_image
-from prodsearch.index import Index
+from prodsearch.index import Index, Product
 from prodsearch.ingest import ingest_catalog
 from prodsearch.recipes import load_recipe
 from prodsearch.settings import Settings
-from prodsearch.store import PointRecord, point_id
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -138,20 +137,15 @@ def attach_images(
     """Re-upsert every product with its stored vectors plus an image vector (round-robin)."""
     for start in range(0, len(product_ids), 512):
         ids = product_ids[start : start + 512]
-        stored = {
-            p.point_id: p
-            for p in index.store.retrieve(
-                index.collection, [point_id(i) for i in ids], with_vectors=True
-            )
-        }
-        points = []
-        for offset, product in enumerate(ids):
-            point = stored[point_id(product)]
-            vectors = dict(point.vectors)
+        stored = {p.product_id: p for p in index.products(ids, with_vectors=True)}
+        products = []
+        for offset, product_id in enumerate(ids):
+            product = stored[product_id]
+            vectors = dict(product.vectors)
             vectors["image"] = image_vectors[(start + offset) % len(image_vectors)]
-            points.append(PointRecord(point.point_id, vectors, point.payload))
-        index.store.upsert(index.collection, points)
-    index.store.build_index(index.collection)
+            products.append(Product(product_id, product.payload, vectors))
+        index.upsert(products)
+    index.build()
 
 
 def stage_times(

@@ -24,9 +24,11 @@ from rich.console import Console
 
 from prodsearch.catalog import Catalog, read_catalog
 from prodsearch.encoders import EncoderSet
-from prodsearch.evaluate import format_table, run_evaluation
-from prodsearch.index import Index, MatchOptions
+from prodsearch.eval.report import format_table
+from prodsearch.eval.shopee import run_evaluation
+from prodsearch.index import Index
 from prodsearch.ingest import ingest_catalog
+from prodsearch.query import MatchOptions
 from prodsearch.recipes import load_recipe
 from prodsearch.settings import Settings
 from prodsearch.store import PointRecord, open_store
@@ -138,9 +140,7 @@ def bench_queries(indexes: dict[str, Index], frame: pd.DataFrame, rows: list[lis
     batches = [vectors[i : i + 32] for i in range(0, N_QUERIES - 31, 32)]
     for name, index in indexes.items():
         queries = iter(vectors * 4)
-        fused = [
-            index._fused_query(v, index._thresholds(None, "rrf"), MatchOptions()) for v in vectors
-        ]
+        fused = [index.fused_request(v, MatchOptions(fusion="rrf")) for v in vectors]
         fused_iter = iter(fused * 4)
         engine = timed(
             lambda i=index, f=fused_iter: i.store.query_batch(i.collection, [next(f)]),

@@ -16,7 +16,8 @@ from pathlib import Path
 from rich.console import Console
 
 from prodsearch.encoders import EncoderSet
-from prodsearch.evaluate import grocery_image_metrics, run_evaluation
+from prodsearch.eval.images import grocery_image_metrics
+from prodsearch.eval.shopee import run_evaluation
 from prodsearch.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]

@@ -47,7 +47,7 @@ import numpy as np  # noqa: E402
 
 from prodsearch.encoders import EncoderSet  # noqa: E402
 from prodsearch.encoders.base import SparseVec  # noqa: E402
-from prodsearch.index import Index, MatchOptions  # noqa: E402
+from prodsearch.index import Index  # noqa: E402
 from prodsearch.settings import Settings  # noqa: E402
 from prodsearch.store import FusedQuery, Hit, Manifest, PointRecord, point_id  # noqa: E402
 from prodsearch.store.edge import EdgeStore  # noqa: E402
@@ -254,10 +254,9 @@ def run(args: argparse.Namespace) -> None:
         )
         base = Index(store, COLLECTION, settings, EncoderSet({}))
         base.check_encoders()
-        thresholds = base._thresholds(None, base.settings.fusion)
 
         def fused(index: Index) -> list[FusedQuery]:
-            return [index._fused_query(q, thresholds, MatchOptions()) for q in queries]
+            return [index.fused_request(q) for q in queries]
 
         exact_queries = [
             dataclasses.replace(q, exact=True, limit=q.limit + 40) for q in fused(base)
@@ -273,8 +272,16 @@ def run(args: argparse.Namespace) -> None:
             index = (
                 base
                 if ef == "auto"
-                else base.with_settings(
-                    hnsw_ef=None if ef == "default" else int(ef), hnsw_ef_large=None
+                else Index(
+                    store,
+                    COLLECTION,
+                    settings.model_copy(
+                        update={
+                            "hnsw_ef": None if ef == "default" else int(ef),
+                            "hnsw_ef_large": None,
+                        }
+                    ),
+                    EncoderSet({}),
                 )
             )
             times, results = timed_queries(store, fused(index))
@@ -306,10 +313,7 @@ def run(args: argparse.Namespace) -> None:
             log(f"hnsw_ef={ef}: p95 {rows[-1][2]:.2f} ms, recall@10 {rows[-1][6]:.4f}")
         modality_rows = []
         for modality in MANIFEST.vectors:
-            alone = [
-                base._fused_query({modality: q[modality]}, thresholds, MatchOptions())
-                for q in queries
-            ]
+            alone = [base.fused_request({modality: q[modality]}) for q in queries]
             times, _ = timed_queries(store, alone)
             modality_rows.append((modality, *percentiles(times)))
             log(f"{modality} alone: p95 {modality_rows[-1][2]:.2f} ms")

@@ -43,7 +43,7 @@ from prodsearch.encoders.image import (
     top_features,
     trainable_state,
 )
-from prodsearch.evaluate import map_at_r, top1_accuracy
+from prodsearch.eval.metrics import map_at_r, top1_accuracy
 from prodsearch.images import load_image
 
 CONFIG = Path(__file__).resolve().parent / "configs" / "image.toml"

@@ -6,10 +6,16 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
+from prodsearch.catalog import read_catalog
 from prodsearch.encoders import EncoderSet
+from prodsearch.index import Index
+from prodsearch.ingest import ingest_catalog
+from prodsearch.recipes import load_recipe
+from prodsearch.settings import Settings
 from prodsearch.store import Store, open_store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,6 +48,12 @@ def _docker_available() -> bool:
 
 
 DOCKER = _docker_available()
+
+
+def reconfigured(index: Index, **changes: object) -> Index:
+    """An Index on the same store, collection and encoders with some settings changed."""
+    settings = index.settings.model_copy(update=changes)
+    return Index(index.store, index.collection, settings, index.encoders)
 
 
 @pytest.fixture(scope="session")
@@ -92,3 +104,17 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     opened = open_store(location)
     yield opened
     opened.close()
+
+
+@pytest.fixture
+def shopee_index(tmp_path, encoders, shopee_csv) -> Index:
+    """40 Shopee test groups, with a category, a seller and a price for the relative filters."""
+    frame = pd.read_csv(shopee_csv)
+    frame["category"] = np.where(frame.index % 3 == 0, "a", "b")
+    frame["seller"] = np.where(frame.index % 2 == 0, "s1", "s2")
+    frame["price"] = 10.0 + (frame.index % 7) * 5
+    frame.to_csv(shopee_csv, index=False)
+    index = Index(str(tmp_path / "store"), "products", Settings(), encoders)
+    ingest_catalog(index, read_catalog(shopee_csv, load_recipe("shopee")))
+    yield index
+    index.close()

@@ -133,11 +133,11 @@ def test_dedup_and_explain_commands(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
-    assert summary["products"] == 62 and "fused neighbours" in summary["seconds"]
+    assert summary["products"] == 62 and "candidates" in summary["seconds"]
     # the shipped pair model reads text, chars and phash; photos add an image vector, so the
     # fusion decides (and says why); asked for explicitly, the pair model refuses
     assert summary["decided_by"] == "fusion" and "fitted on modalities" in result.stderr
-    forced = run("dedup", "--store", store, "--out", str(out), "--pair-model")
+    forced = run("dedup", "--store", store, "--out", str(out), "--decider", "pair-model")
     assert forced.returncode == 1 and "fitted on modalities" in forced.stderr
     lines = out.read_text().splitlines()
     assert lines[0] == "id,matches,cluster,min2" and len(lines) == 63

@@ -7,7 +7,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from prodsearch.evaluate import row_scores, run_evaluation
+from prodsearch.eval.metrics import row_scores
+from prodsearch.eval.shopee import run_evaluation
 from prodsearch.settings import SETTINGS_FILE_ENV, Settings
 
 from .conftest import needs_shopee, shopee_groups
@@ -58,4 +59,6 @@ def test_evaluation_tunes_on_val_and_reports_test(tmp_path: Path, encoders, monk
     loaded = Settings()
     assert loaded.fusion == result.tuned["fusion"]
     assert loaded.thresholds.chars == pytest.approx(result.tuned["thresholds"]["chars"])
-    assert loaded.formula.threshold == pytest.approx(result.tuned["formula"]["threshold"])
+    assert loaded.formula.min_fused_score == pytest.approx(
+        result.tuned["formula"]["min_fused_score"]
+    )

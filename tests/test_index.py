@@ -11,12 +11,13 @@ import pytest
 from prodsearch.catalog import read_catalog
 from prodsearch.encoders import EncoderSet, TextEncoder
 from prodsearch.errors import CollectionNotFoundError, ConfigError, EncoderMismatchError
-from prodsearch.index import Index, MatchOptions
+from prodsearch.index import Index
 from prodsearch.ingest import ingest_catalog
+from prodsearch.query import MatchOptions
 from prodsearch.recipes import load_recipe
 from prodsearch.settings import Settings
 
-from .conftest import SAMPLE, needs_shopee
+from .conftest import SAMPLE, needs_shopee, reconfigured
 
 
 def _index(
@@ -32,8 +33,8 @@ def _small_catalog(index: Index) -> Index:
     exact copy depends on the catalog's size (the engine's IDF over 137 titles is lower than the
     reference IDF: 0.24-0.76 here), so a small catalog needs its own threshold, as
     `prodsearch eval` would tune it."""
-    return index.with_settings(
-        thresholds=index.settings.thresholds.model_copy(update={"chars": 0.2})
+    return reconfigured(
+        index, thresholds=index.settings.thresholds.model_copy(update={"chars": 0.2})
     )
 
 
@@ -138,9 +139,9 @@ def test_cut_sparse_query_keeps_the_whole_query_scores(encoders, shopee_csv, tmp
     frame = pd.read_csv(shopee_csv)
     with _index(str(tmp_path / "store"), encoders, shopee_csv, "shopee") as stored:
         index = _small_catalog(stored)
-        cut = index.with_settings(sparse_query_terms=12, sparse_candidates=20)
+        cut = reconfigured(index, sparse_query_terms=12, sparse_candidates=20)
         vectors = index.encode_query(frame["title"][3])
-        query = cut._fused_query(vectors, cut._thresholds(None, "rrf"), MatchOptions())
+        query = cut.fused_request(vectors, MatchOptions(fusion="rrf"))
         chars = next(p for p in query.prefetches if p.modality == "chars")
         whole = vectors["chars"]
         assert chars.vector is whole and chars.candidate_limit == 20
@@ -170,12 +171,10 @@ def test_search_breadth_follows_the_collection_size(encoders, tmp_path, monkeypa
     import prodsearch.index as index_module
 
     with _index(str(tmp_path / "store"), encoders, SAMPLE / "catalog.csv", "generic") as index:
-        options = MatchOptions()
-        thresholds = index._thresholds(None, "rrf")
         vectors = index.encode_query("Arla milk")
 
         def breadth(idx: Index) -> int | None:
-            return idx._fused_query(vectors, thresholds, options).hnsw_ef
+            return idx.fused_request(vectors).hnsw_ef
 
         reads = []
         count = index.store.count
@@ -188,6 +187,6 @@ def test_search_breadth_follows_the_collection_size(encoders, tmp_path, monkeypa
         assert reads == [False, True], "the estimate is kept for SIZE_RECHECK_SECONDS"
         monkeypatch.setattr(index_module, "SIZE_RECHECK_SECONDS", 0.0)
         assert breadth(index) == 256 and reads == [False, True, False]
-        assert breadth(index.with_settings(hnsw_ef=64)) == 64
-        assert breadth(index.with_settings(hnsw_ef_large=None)) is None
+        assert breadth(reconfigured(index, hnsw_ef=64)) == 64
+        assert breadth(reconfigured(index, hnsw_ef_large=None)) is None
         assert index.match("Arla milk", k=3), "the large-collection breadth runs in the engine"

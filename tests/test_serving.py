@@ -14,7 +14,7 @@ from prodsearch.catalog import Catalog, CatalogRow
 from prodsearch.encoders import EncoderInput, EncoderSet, SparseVec
 from prodsearch.index import Index
 from prodsearch.ingest import ingest_catalog
-from prodsearch.serving import BatchingEncoders, SerializedStore, is_remote
+from prodsearch.serving import BatchingEncoders, SerializedStore
 from prodsearch.settings import Settings
 from prodsearch.store import open_store
 
@@ -87,7 +87,7 @@ def _catalog(rows: list[CatalogRow]) -> Catalog:
 def test_serialized_store_takes_turns(tmp_path: Path, encoders: EncoderSet) -> None:
     """Many threads matching and writing (upserts, index builds) through one embedded store."""
     store = SerializedStore(open_store(str(tmp_path / "store")))
-    assert not is_remote(store)
+    assert not store.remote
     quiet = Console(stderr=True, quiet=True)
     batching = BatchingEncoders(encoders)  # as served: the models in one thread
     with Index(store, "products", Settings(), batching) as index:

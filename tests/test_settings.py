@@ -18,9 +18,9 @@ def test_environment_overrides_file_overrides_defaults(tmp_path, monkeypatch) ->
     from_file = Settings()
     assert (from_file.fusion, from_file.k, from_file.thresholds.text) == ("dbsf", 7, 0.9)
     monkeypatch.setenv("PRODSEARCH_K", "3")
-    monkeypatch.setenv("PRODSEARCH_FORMULA__THRESHOLD", "0.5")
+    monkeypatch.setenv("PRODSEARCH_FORMULA__MIN_FUSED_SCORE", "0.5")
     from_env = Settings()
-    assert from_env.k == 3 and from_env.formula.threshold == 0.5
+    assert from_env.k == 3 and from_env.formula.min_fused_score == 0.5
     assert Settings(k=12).k == 12
     assert default.fusion == "rrf"
 

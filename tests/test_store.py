@@ -79,7 +79,10 @@ def _queries() -> list[FusedQuery]:
         FusedQuery(prefetches, Fusion("rrf", rrf_k=60), limit=10, exact=True),
         FusedQuery(prefetches, Fusion("dbsf"), limit=10, exact=True),
         FusedQuery(
-            prefetches, Fusion("formula", weights=weights, threshold=0.3), limit=10, exact=True
+            prefetches,
+            Fusion("formula", weights=weights, min_fused_score=0.3),
+            limit=10,
+            exact=True,
         ),
         FusedQuery(
             prefetches[:1],

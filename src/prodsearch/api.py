@@ -56,9 +56,9 @@ from prodsearch.filters import FilterSpec
 from prodsearch.index import Index, Match
 from prodsearch.ingest import IngestReport, ingest_catalog
 from prodsearch.recipes import Recipe
-from prodsearch.serving import BatchingEncoders, SerializedStore, is_remote
+from prodsearch.serving import BatchingEncoders, SerializedStore
 from prodsearch.settings import FusionName, Settings
-from prodsearch.store import open_store, point_id
+from prodsearch.store import open_store
 
 #: the API's field names, used in rejection messages as a recipe's column names are for a CSV
 API_FIELDS = Recipe(id="id", title="title", image="image_base64", phash="image_phash")
@@ -268,7 +268,7 @@ class Service:
         base = index or Index(
             open_store(settings.store, settings.collection_params()), settings=settings
         )
-        store = base.store if is_remote(base.store) else SerializedStore(base.store)
+        store = base.store if base.store.remote else SerializedStore(base.store)
         encoders = BatchingEncoders(base.encoders, settings.encode_batch_size)
         service = cls(
             Index(store, base.collection, base.settings, encoders),
@@ -328,7 +328,7 @@ class Service:
         with self.write_lock:
             if self.index.get(product_id) is None:
                 return False
-            self.index.store.delete(self.index.collection, [point_id(product_id)])
+            self.index.delete([product_id])
             return True
 
     def health(self) -> HealthResponse:
@@ -337,18 +337,18 @@ class Service:
         report = HealthResponse(
             status="empty",
             engine_reachable=False,
-            store="server" if is_remote(index.store) else "embedded",
+            store="server" if index.store.remote else "embedded",
             collection=index.collection,
             collection_present=False,
             encoders={name: i.as_dict() for name, i in index.encoders.identities().items()},
         )
         try:
-            report.collection_present = index.store.has_collection(index.collection)
+            report.collection_present = index.exists()
             report.engine_reachable = True
             if report.collection_present:
                 index.check_encoders()
                 report.encoders_match = True
-                report.products = index.store.count(index.collection)
+                report.products = index.count()
                 report.status = "ok"
         except EncoderMismatchError as exc:
             report.encoders_match, report.status, report.detail = False, "error", str(exc)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
+from enum import StrEnum
 from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -44,6 +45,13 @@ CollectionOption = Annotated[
     str | None, typer.Option("--collection", help="Collection name. Default: products.")
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+
+
+class Decider(StrEnum):
+    """What decides a match in `dedup`."""
+
+    pair_model = "pair-model"
+    fusion = "fusion"
 
 
 def _reports_errors(command: F) -> F:
@@ -297,7 +305,8 @@ def evaluate(
     `train` rows to the test catalog's size, so thresholds are tuned at the density they are
     reported at. The TF-IDF baseline runs in the same pass.
     """
-    from prodsearch.evaluate import format_table, run_evaluation
+    from prodsearch.eval.report import format_table
+    from prodsearch.eval.shopee import run_evaluation
 
     settings = _settings(None, None, encoders=encoders)
     result = run_evaluation(
@@ -331,7 +340,7 @@ def evaluate_images(
     """Image-modality quality on Grocery Store test photos: top-1 accuracy of the nearest
     catalogue image and mAP@R among test photos, for Packages and for all 81 groups."""
     from prodsearch.encoders import EncoderSet
-    from prodsearch.evaluate import grocery_image_metrics
+    from prodsearch.eval.images import grocery_image_metrics
 
     settings = _settings(None, None, encoders=encoders)
     metrics = grocery_image_metrics(grocery_dir, EncoderSet.from_settings(settings.encoders))
@@ -426,12 +435,11 @@ def dedup(
     max_cluster_size: Annotated[
         int | None, typer.Option(min=1, help="Cap on a duplicate cluster's size.")
     ] = None,
-    pair_model: Annotated[
-        bool | None,
+    decider: Annotated[
+        Decider | None,
         typer.Option(
-            "--pair-model/--no-pair-model",
-            help="Decide matches with the learned pair model (default from settings; off when "
-            "--blend-rounds is given).",
+            help="What decides a match: the learned pair model, or the fusion's own rule "
+            "(default from settings: pair-model; fusion when --blend-rounds is given).",
         ),
     ] = None,
     as_json: JsonOption = False,
@@ -443,19 +451,16 @@ def dedup(
     import time
 
     from prodsearch.catalog import read_catalog
-    from prodsearch.dedup import DedupOptions, run_dedup
     from prodsearch.filters import parse_cli_filters
     from prodsearch.index import Index
     from prodsearch.ingest import ingest_catalog
+    from prodsearch.matching.candidates import RelativeFilters
+    from prodsearch.matching.dedup import run_dedup
     from prodsearch.recipes import load_recipe
 
     settings = _settings(store, collection)
-    options = DedupOptions.from_settings(
-        settings.dedup,
-        pair_model=pair_model,
-        blend_rounds=blend_rounds,
-        min2=min2,
-        max_cluster_size=max_cluster_size,
+    knobs = _dedup_knobs(settings.dedup, decider, blend_rounds, min2, max_cluster_size)
+    filters = RelativeFilters(
         same=tuple(same or ()),
         different=tuple(different or ()),
         within=tuple(_fraction(item) for item in within or ()),
@@ -477,21 +482,27 @@ def dedup(
             if done == total or done % 2048 < 256:
                 stderr.print(f"{step}: {done:,}/{total:,}", highlight=False)
 
-        result = run_dedup(index, options, progress=progress, checkpoint=checkpoint)
-    result.write_csv(out)
-    audit = out.with_name(out.stem + ".pairs.csv")
-    result.write_pairs_csv(audit)
+        result = run_dedup(
+            index,
+            knobs,
+            filters,
+            strict=decider is not None,
+            progress=progress,
+            checkpoint=checkpoint,
+        )
+    audit = result.write(out)
     checkpoint.unlink(missing_ok=True)
     seconds = {"ingest": round(ingested, 1)} if catalog is not None else {}
     seconds.update({k: round(v, 1) for k, v in result.seconds.items()})
     for note in result.notes:
         stderr.print(f"[yellow]{note}", highlight=False)
+    sets = result.match_sets()
     summary = {
-        "products": len(result.neighbourhoods),
+        "products": len(sets),
         "decided_by": result.decided_by,
         "clusters": len(set(result.clusters.values())),
-        "products_with_matches": sum(len(h.ids()) > 1 for h in result.neighbourhoods.values()),
-        "rescued_by_min2": sum(h.by_min2 for h in result.neighbourhoods.values()),
+        "products_with_matches": sum(len(members) > 1 for members in sets.values()),
+        "rescued_by_min2": len(result.rescued()),
         "seconds": seconds,
         "out": str(out),
         "pairs": str(audit),
@@ -503,6 +514,29 @@ def dedup(
     for key, value in summary.items():
         table.add_row(key, json.dumps(value) if isinstance(value, dict) else str(value))
     stderr.print(table)
+
+
+def _dedup_knobs(
+    knobs: Any,
+    decider: Decider | None,
+    blend_rounds: int | None,
+    min2: bool | None,
+    max_cluster_size: int | None,
+) -> Any:
+    """The settings' dedup knobs with the command line's changes."""
+    if blend_rounds is not None and decider is Decider.pair_model:
+        raise ConfigError("--blend-rounds applies to the fusion decider: use --decider fusion")
+    name = decider.value if decider else ("fusion" if blend_rounds is not None else None)
+    fusion = knobs.fusion
+    if blend_rounds is not None:
+        fusion = fusion.model_copy(update={"blend_rounds": blend_rounds})
+    changes = {
+        "decider": name,
+        "min2": min2,
+        "max_cluster_size": max_cluster_size,
+        "fusion": fusion,
+    }
+    return knobs.model_copy(update={k: v for k, v in changes.items() if v is not None})
 
 
 def _fraction(item: str) -> tuple[str, float]:
@@ -529,11 +563,12 @@ def explain(
     """Explain whether and why product B matches product A: every modality's score against its
     threshold, which signals fired, B's rank and fused score in A's matches; with --pairs, what a
     `dedup` run decided for the pair (its fused score, pair-model probability, min-2)."""
-    from prodsearch.dedup import read_pair_verdict
     from prodsearch.index import Index
+    from prodsearch.matching.audit import read_pair_verdict
+    from prodsearch.matching.explain import explain as explain_pair
 
     with Index(settings=_settings(store, collection)) as index:
-        explanation = index.explain(product_a, product_b)
+        explanation = explain_pair(index, product_a, product_b)
     recorded = read_pair_verdict(pairs, product_a, product_b) if pairs else None
     if as_json:
         document = explanation.as_dict()

@@ -9,33 +9,33 @@ per-modality scores of the hits come from one exact rescoring batch restricted t
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-from pydantic import BaseModel
-
-from prodsearch.encoders import EncoderInput, EncoderSet, SparseVec, Vector
+from prodsearch.encoders import EncoderInput, EncoderSet, Vector
 from prodsearch.encoders.phash import compute_phash
 from prodsearch.errors import ConfigError
 from prodsearch.filters import FilterSpec
 from prodsearch.images import ImageSource, load_image
+from prodsearch.query import MatchOptions, fused_query, prefetch_thresholds
 from prodsearch.settings import LARGE_COLLECTION, MODALITIES, FusionName, Settings
 from prodsearch.store import (
     FusedQuery,
-    Fusion,
     Hit,
     Manifest,
-    ModalityQuery,
+    PointRecord,
     ScoreRequest,
     Store,
+    StoredPoint,
     open_store,
     point_id,
 )
 
 #: how often a collection's size estimate (which picks the HNSW breadth) is re-read
 SIZE_RECHECK_SECONDS = 10.0
+#: points per page when a collection is read whole
+SCROLL_PAGE = 1000
 
 
 @dataclass(frozen=True)
@@ -50,57 +50,29 @@ class Match:
     #: the modalities whose score reached their threshold (the signals that fired)
     matched_by: tuple[str, ...]
     payload: dict[str, Any] = field(default_factory=dict)
-    #: whole-catalog matching only: the pair model's probability that this is the same product
-    probability: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        """Return a JSON-serialisable form (`probability` only when the pair model decided)."""
-        out = {
+        """Return a JSON-serialisable form."""
+        return {
             "product_id": self.product_id,
             "score": self.score,
             "scores": self.scores,
             "matched_by": list(self.matched_by),
             "payload": self.payload,
         }
-        if self.probability is not None:
-            out["probability"] = self.probability
-        return out
 
 
 @dataclass(frozen=True)
-class Explanation:
-    """Why product B does or does not match product A (see `Index.explain`)."""
+class Product:
+    """A stored product: its catalog id, payload and (when read with them) named vectors."""
 
-    product_a: str
-    product_b: str
-    fusion: str
-    scores: dict[str, float]
-    thresholds: dict[str, float]
-    fired: tuple[str, ...]
-    matched: bool
-    rank: int | None
-    fused_score: float | None
-
-    def as_dict(self) -> dict[str, Any]:
-        """Return a JSON-serialisable form."""
-        return dict(vars(self), fired=list(self.fired))
-
-
-@dataclass(frozen=True)
-class MatchOptions:
-    """Per-call knobs; None means "from settings"."""
-
-    k: int | None = None
-    thresholds: Mapping[str, float] | None = None
-    fusion: FusionName | None = None
-    filter: FilterSpec | Mapping[str, Any] | None = None
-    exclude_ids: Sequence[str] = ()
-    #: restrict the query to these modalities (default: every vector the query has)
-    modalities: Sequence[str] | None = None
+    product_id: str
+    payload: dict[str, Any]
+    vectors: dict[str, Vector] = field(default_factory=dict)
 
 
 class Index:
-    """An open prodsearch collection: ingest into it, match against it.
+    """An open prodsearch collection: the one owner of its reads and writes by product id.
 
     Opening an existing collection checks that it was written by this process's encoders and
     raises EncoderMismatchError otherwise. Use as a context manager, or call `close()`.
@@ -127,18 +99,6 @@ class Index:
         #: (point count estimate, when it was read): picks the HNSW search breadth
         self._size_estimate: tuple[int, float] | None = None
 
-    def with_settings(self, **changes: Any) -> Index:
-        """Return an Index on the same store, collection and encoders with some settings changed.
-
-        Changes may be setting models or plain dicts; either way they are validated.
-        """
-        merged = self.settings.model_dump()
-        for name, value in changes.items():
-            merged[name] = value.model_dump() if isinstance(value, BaseModel) else value
-        twin = Index(self.store, self.collection, Settings.model_validate(merged), self.encoders)
-        twin._checked = self._checked
-        return twin
-
     def __enter__(self) -> Index:
         return self
 
@@ -157,6 +117,10 @@ class Index:
             encoders={name: i.as_dict() for name, i in self.encoders.identities().items()},
         )
 
+    def exists(self) -> bool:
+        """Return True when the collection exists."""
+        return self.store.has_collection(self.collection)
+
     def ensure_collection(self) -> None:
         """Create the collection if it is missing; otherwise check its encoders."""
         if not self.store.has_collection(self.collection):
@@ -172,16 +136,83 @@ class Index:
         manifest.check_encoders(self.expected_manifest().encoders, self.collection)
         self._checked = True
 
+    def derived(self, suffix: str) -> Index:
+        """A new, empty collection beside this one (same store, settings and encoders) named
+        with `suffix`; an existing one of that name is replaced."""
+        twin = Index(self.store, self.collection + suffix, self.settings, self.encoders)
+        if self.store.has_collection(twin.collection):
+            self.store.delete_collection(twin.collection)
+        twin.ensure_collection()
+        return twin
+
     def count(self) -> int:
         """Return the number of products in the collection."""
         self.check_encoders()
         return self.store.count(self.collection)
 
+    # -- reads and writes by product id -------------------------------------------------------
     def get(self, product_id: str) -> dict[str, Any] | None:
         """Return the stored payload of a product, or None when it is absent."""
+        found = self.products([product_id])
+        return found[0].payload if found else None
+
+    def products(self, product_ids: Sequence[str], with_vectors: bool = False) -> list[Product]:
+        """Return the stored products among `product_ids` (absent ones left out)."""
         self.check_encoders()
-        points = self.store.retrieve(self.collection, [point_id(product_id)])
-        return points[0].payload if points else None
+        points = self.store.retrieve(
+            self.collection, [point_id(p) for p in product_ids], with_vectors
+        )
+        return [_product(p) for p in points]
+
+    def scroll(self, with_vectors: bool = True) -> Iterator[Product]:
+        """Yield every stored product, page by page."""
+        self.check_encoders()
+        offset = None
+        while True:
+            points, offset = self.store.scroll(self.collection, offset, SCROLL_PAGE, with_vectors)
+            yield from (_product(p) for p in points)
+            if offset is None:
+                return
+
+    def content_hashes(self, product_ids: Sequence[str]) -> dict[str, str | None]:
+        """Each stored product's content hash (written by ingest), by product id."""
+        return {p.product_id: p.payload.get("content_hash") for p in self.products(product_ids)}
+
+    def upsert(self, products: Sequence[Product]) -> None:
+        """Insert or replace products whole (every named vector and the payload, which keeps
+        the product id), in one engine call."""
+        self.check_encoders()
+        points = [
+            PointRecord(
+                point_id(p.product_id), p.vectors, {**p.payload, "product_id": p.product_id}
+            )
+            for p in products
+        ]
+        self.store.upsert(self.collection, points)
+
+    def delete(self, product_ids: Sequence[str]) -> None:
+        """Delete products by id (absent ones are ignored)."""
+        self.check_encoders()
+        self.store.delete(self.collection, [point_id(p) for p in product_ids])
+
+    def build(self) -> None:
+        """Build the engine's search index after bulk writes."""
+        self.store.build_index(self.collection)
+
+    def index_payload_fields(self, keys: Iterable[str], products: Sequence[Product]) -> None:
+        """Create a payload index on each field (its type read off the stored values), so the
+        engine runs filters on it with an index."""
+        for key in sorted(keys):
+            values = [p.payload[key] for p in products if key in p.payload]
+            if not values:
+                continue
+            if all(isinstance(v, bool) or not isinstance(v, int | float) for v in values):
+                kind = "keyword"
+            elif all(isinstance(v, int) for v in values):
+                kind = "integer"
+            else:
+                kind = "float"
+            self.store.create_payload_index(self.collection, key, kind)
 
     # -- encoding -----------------------------------------------------------------------------
     def encode_query(
@@ -226,13 +257,13 @@ class Index:
         Raises ConfigError without any input, ImageError for an unreadable image, and
         CollectionNotFoundError / EncoderMismatchError when the collection does not fit.
         """
-        options = MatchOptions(k, thresholds, fusion, filter, exclude_ids)
+        options = MatchOptions(k, thresholds, fusion, None, filter, exclude_ids)
         return self.match_vectors([self.encode_query(title, image, phash)], options)[0]
 
     def match_vectors(
         self,
         queries: Sequence[Mapping[str, Vector]],
-        options: MatchOptions = MatchOptions(),
+        options: MatchOptions | None = None,
         filters: Sequence[FilterSpec | None] | None = None,
     ) -> list[list[Match]]:
         """Match many already-encoded queries in one engine batch; one list per query.
@@ -242,12 +273,13 @@ class Index:
         A query with no vector among the requested modalities gets an empty list.
         """
         self.check_encoders()
-        thresholds = self._thresholds(options.thresholds, options.fusion or self.settings.fusion)
+        options = options or MatchOptions()
+        thresholds = prefetch_thresholds(self.settings, options)
         wanted = set(options.modalities or MODALITIES)
         queries = [{m: v for m, v in q.items() if m in wanted} for q in queries]
         searchable = [i for i, q in enumerate(queries) if q]
         fused = [
-            self._fused_query(queries[i], thresholds, options, filters[i] if filters else None)
+            self.fused_request(queries[i], options, filters[i] if filters else None)
             for i in searchable
         ]
         hits = self.store.query_batch(self.collection, fused)
@@ -269,21 +301,15 @@ class Index:
         return out
 
     def match_products(
-        self, product_ids: Sequence[str], options: MatchOptions = MatchOptions()
+        self, product_ids: Sequence[str], options: MatchOptions | None = None
     ) -> list[list[Match]]:
         """Match catalog products against the catalog, using their stored vectors.
 
         Each product finds itself (as in the Shopee task) unless excluded. Products absent from
         the collection get an empty list.
         """
-        self.check_encoders()
-        stored = {
-            p.point_id: p.vectors
-            for p in self.store.retrieve(
-                self.collection, [point_id(p) for p in product_ids], with_vectors=True
-            )
-        }
-        vectors = [stored.get(point_id(p), {}) for p in product_ids]
+        stored = {p.product_id: p.vectors for p in self.products(product_ids, with_vectors=True)}
+        vectors = [stored.get(p, {}) for p in product_ids]
         present = [i for i, v in enumerate(vectors) if v]
         results = self.match_vectors([vectors[i] for i in present], options)
         out: list[list[Match]] = [[] for _ in product_ids]
@@ -291,92 +317,38 @@ class Index:
             out[i] = result
         return out
 
-    def explain(self, product_a: str, product_b: str) -> Explanation:
-        """Explain whether and why catalog product B matches product A.
-
-        Returns the engine's score of every modality A and B share, the threshold each is
-        compared with, which fired, and B's rank and fused score in A's matches (as `match`
-        returns them). Raises ConfigError when either product is not in the collection.
-        """
-        self.check_encoders()
-        found = {
-            p.payload.get("product_id"): p
-            for p in self.store.retrieve(
-                self.collection, [point_id(product_a), point_id(product_b)], with_vectors=True
-            )
-        }
-        for product in (product_a, product_b):
-            if product not in found:
-                raise ConfigError(f"product {product!r} is not in collection {self.collection!r}")
-        vectors = found[product_a].vectors
-        thresholds = self._thresholds(None, self.settings.fusion)
-        requests = [ScoreRequest(m, v, (point_id(product_b),)) for m, v in vectors.items()]
-        scores = {
-            request.modality: result[point_id(product_b)]
-            for request, result in zip(
-                requests, self.store.score_batch(self.collection, requests), strict=True
-            )
-            if point_id(product_b) in result
-        }
-        matches = self.match_vectors([vectors], MatchOptions(k=self.settings.prefetch_limit))[0]
-        rank = next((i for i, m in enumerate(matches) if m.product_id == product_b), None)
-        return Explanation(
-            product_a=product_a,
-            product_b=product_b,
-            fusion=self.settings.fusion,
-            scores=scores,
-            thresholds={m: thresholds[m] for m in scores},
-            fired=tuple(m for m in MODALITIES if m in scores and scores[m] >= thresholds[m]),
-            matched=rank is not None,
-            rank=rank,
-            fused_score=matches[rank].score if rank is not None else None,
-        )
-
-    def _thresholds(self, overrides: Mapping[str, float] | None, fusion: str) -> dict[str, float]:
-        """Prefetch thresholds: the formula's floors or the RRF/DBSF thresholds, then overrides."""
-        base = self.settings.formula.floors if fusion == "formula" else self.settings.thresholds
-        thresholds = {m: base.get(m) for m in MODALITIES}
-        for name, value in (overrides or {}).items():
-            if name not in thresholds:
-                raise ConfigError(f"unknown modality {name!r} in thresholds; known: {MODALITIES}")
-            thresholds[name] = float(value)
-        return thresholds
-
-    def _fused_query(
+    def fused_request(
         self,
         vectors: Mapping[str, Vector],
-        thresholds: dict[str, float],
-        options: MatchOptions,
+        options: MatchOptions | None = None,
         query_filter: FilterSpec | None = None,
     ) -> FusedQuery:
-        settings = self.settings
-        prefetches = tuple(
-            ModalityQuery(
-                m,
-                vectors[m],
-                thresholds[m],
-                settings.prefetch_limit,
-                *self._sparse_candidates(vectors[m]),
-            )
-            for m in MODALITIES
-            if m in vectors
+        """The one engine request `match_vectors` sends for a query's vectors (for benchmarks
+        that time the engine alone)."""
+        options = options or MatchOptions()
+        return fused_query(
+            self.settings,
+            vectors,
+            prefetch_thresholds(self.settings, options),
+            options,
+            query_filter,
+            tuple(point_id(p) for p in options.exclude_ids),
+            self._hnsw_ef(),
         )
-        spec = query_filter or options.filter
-        if spec is not None and not isinstance(spec, FilterSpec):
-            spec = FilterSpec.from_mapping(spec)
-        return FusedQuery(
-            prefetches=prefetches,
-            fusion=Fusion(
-                method=options.fusion or settings.fusion,
-                rrf_k=settings.rrf_k,
-                weights={m: settings.formula.weights.get(m) for m in MODALITIES},
-                threshold=settings.formula.threshold,
-            ),
-            limit=options.k or settings.k,
-            filter=spec,
-            exclude_point_ids=tuple(point_id(p) for p in options.exclude_ids),
-            hnsw_ef=self._hnsw_ef(),
-        )
+
+    def modality_scores(
+        self, vectors: Mapping[str, Vector], product_ids: Sequence[str]
+    ) -> dict[str, dict[str, float]]:
+        """The engine's exact score of each of `product_ids` for each query vector (no kNN over
+        the catalog): modality -> product id -> score, for the products that have that vector."""
+        self.check_encoders()
+        points = {point_id(p): p for p in product_ids}
+        requests = [ScoreRequest(m, v, tuple(points)) for m, v in vectors.items()]
+        results = self.store.score_batch(self.collection, requests)
+        return {
+            request.modality: {points[pid]: score for pid, score in result.items()}
+            for request, result in zip(requests, results, strict=True)
+        }
 
     def _hnsw_ef(self) -> int | None:
         """The HNSW search breadth: `hnsw_ef` when set, else `hnsw_ef_large` for a collection of
@@ -388,16 +360,6 @@ class Index:
         if self._size_estimate is None or now - self._size_estimate[1] > SIZE_RECHECK_SECONDS:
             self._size_estimate = (self.store.count(self.collection, exact=False), now)
         return settings.hnsw_ef_large if self._size_estimate[0] >= LARGE_COLLECTION else None
-
-    def _sparse_candidates(self, vector: Vector) -> tuple[Vector | None, int]:
-        """The cut query and candidate count of a sparse vector with more terms than
-        `sparse_query_terms` (its heaviest terms: the rarest n-grams); (None, 0) otherwise."""
-        terms = self.settings.sparse_query_terms
-        if not isinstance(vector, SparseVec) or terms is None or len(vector.indices) <= terms:
-            return None, 0
-        heaviest = np.sort(np.argsort(-np.abs(vector.values), kind="stable")[:terms])
-        cut = SparseVec(vector.indices[heaviest], vector.values[heaviest])
-        return cut, self.settings.sparse_candidates
 
     def _modality_scores(
         self, queries: Sequence[Mapping[str, Vector]], hits: list[list[Hit]]
@@ -418,6 +380,11 @@ class Index:
                 ]
             )
         return out
+
+
+def _product(point: StoredPoint) -> Product:
+    payload = point.payload
+    return Product(str(payload.get("product_id", point.point_id)), payload, point.vectors)
 
 
 _default_index: Index | None = None

@@ -42,8 +42,7 @@ from prodsearch.encoders import EncoderInput
 from prodsearch.encoders.phash import compute_phash
 from prodsearch.errors import ImageError
 from prodsearch.images import load_image
-from prodsearch.index import Index
-from prodsearch.store import PointRecord, point_id
+from prodsearch.index import Index, Product
 
 
 @dataclass
@@ -136,7 +135,7 @@ def ingest_catalog(
                     f"ingest: {done}/{len(catalog.rows)} products stored or checked, {rate:,.0f}/s",
                     highlight=False,
                 )
-    index.store.build_index(index.collection)
+    index.build()
     report.seconds = time.perf_counter() - started
     if report.rejections and report_path is not None:
         write_rejections(report.rejections, report_path)
@@ -198,11 +197,8 @@ def _read_batch(index: Index, rows: Sequence[CatalogRow], store_lock: threading.
         prepared.append(_Prepared(row, content_hash(row, image_bytes), image_bytes))
 
     with store_lock:
-        found = index.store.retrieve(
-            index.collection, [point_id(p.row.product_id) for p in prepared]
-        )
-    stored = {p.point_id: p.payload.get("content_hash") for p in found}
-    changed = [p for p in prepared if stored.get(point_id(p.row.product_id)) != p.content_hash]
+        stored = index.content_hashes([p.row.product_id for p in prepared])
+    changed = [p for p in prepared if stored.get(p.row.product_id) != p.content_hash]
 
     inputs: list[EncoderInput] = []
     kept: list[_Prepared] = []
@@ -226,13 +222,13 @@ def _store_batch(
     index: Index, batch: _ReadBatch, report: IngestReport, store_lock: threading.Lock
 ) -> None:
     vectors = index.encoders.encode(batch.inputs)
-    points = [
-        PointRecord(point_id(item.row.product_id), item_vectors, _payload(item, given.phash))
+    products = [
+        Product(item.row.product_id, _payload(item, given.phash), item_vectors)
         for item, given, item_vectors in zip(batch.items, batch.inputs, vectors, strict=True)
     ]
     with store_lock:
-        index.store.upsert(index.collection, points)
-    report.upserted += len(points)
+        index.upsert(products)
+    report.upserted += len(products)
     report.unchanged += batch.unchanged
     report.rejections += batch.rejections
 

@@ -32,17 +32,13 @@ from prodsearch.store import (
 )
 
 
-def is_remote(store: Store) -> bool:
-    """Return True for a Qdrant server or cluster (its client is safe to share between threads)."""
-    return store.location.startswith(("http://", "https://"))
-
-
 class SerializedStore(Store):
     """A store whose calls run one at a time (see the module docstring for why)."""
 
     def __init__(self, inner: Store) -> None:
         self.inner = inner
         self.location = inner.location
+        self.remote = inner.remote
         self._lock = threading.Lock()
 
     def has_collection(self, name: str) -> bool:

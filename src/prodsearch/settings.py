@@ -77,10 +77,13 @@ class FormulaFloors(ModalityValues):
 
 class FormulaSettings(BaseModel):
     """The weighted-sum fusion: `sum(weight * score)` over the prefetches (0 where a prefetch
-    missed the product) must reach `threshold`; prefetches keep candidates above `floors`."""
+    missed the product) must reach `min_fused_score`; prefetches keep candidates whose modality
+    score reaches its `floors` value."""
 
     weights: FormulaWeights = FormulaWeights()
-    threshold: float | None = 1.3584
+    min_fused_score: float | None = Field(
+        1.3584, description="Fused score (the weighted sum) a match must reach; None = no cut."
+    )
     floors: FormulaFloors = FormulaFloors()
 
 
@@ -93,38 +96,54 @@ class SearchSettings(BaseModel):
 
 
 class PairModelSettings(BaseModel):
-    """Whole-catalog re-scoring of fused candidates (`prodsearch dedup`): stacked gradient-boosted
-    trees over each candidate pair's engine scores, neighbourhood and title features
-    (pair_model.py lists them); `prodsearch eval` fits one on `val` and tunes its thresholds.
-    The shipped model saw candidates of the default formula (weights and threshold): change
-    those and fit a new one."""
+    """The pair model of `prodsearch dedup`: stacked gradient-boosted trees over each candidate
+    pair's engine scores, neighbourhood and title features (matching/features.py lists them);
+    `prodsearch eval` fits one on `val` and tunes its probabilities. The shipped model saw
+    candidates of the default formula (weights and floors): change those and fit a new one."""
 
-    enabled: bool = Field(True, description="Decide matches with the pair model (dedup only).")
     model: Path | None = Field(
         None, description="Pair model file; None = the shipped one (fitted on Shopee val)."
     )
-    neighbour_threshold: float = Field(
-        0.8, description="Formula score a candidate needs to count in a neighbourhood."
+    neighbour_min_fused_score: float = Field(
+        0.8, description="Fused score a candidate needs to count in a product's neighbourhood."
     )
-    threshold: float = Field(0.32, description="Probability a match must reach.")
-    min2_threshold: float = Field(
+    min_probability: float = Field(0.32, description="Probability a match must reach.")
+    min2_min_probability: float = Field(
         0.32, description="Probability a lone product's best candidate must reach (min-2)."
     )
 
 
-class DedupSettings(BaseModel):
-    """Whole-catalog matching (`prodsearch dedup`): post-processing switches and knobs."""
+class FusionDecisionSettings(BaseModel):
+    """The fusion decider of `prodsearch dedup`: the search's own rule (RRF/DBSF: a modality
+    score reaches its threshold; formula: the fused score reaches `min_fused_score`), after
+    `blend_rounds` rounds of neighbourhood blending searched with `blended`."""
 
     blend_rounds: int = Field(1, ge=0, le=3, description="Neighbourhood-blending rounds.")
-    min2: bool = Field(True, description="A product left alone takes a close best neighbour.")
-    min2_threshold: float = Field(0.85, description="Formula score the min-2 neighbour must reach.")
-    max_cluster_size: int = Field(50, ge=1, description="No duplicate cluster grows past this.")
-    pair_model: PairModelSettings = PairModelSettings()
+    min2_min_fused_score: float = Field(
+        0.85, description="Formula fused score a lone product's best candidate must reach."
+    )
     blended: SearchSettings = SearchSettings(
         fusion="rrf",
         thresholds=Thresholds(text=0.74, chars=0.69, phash=0.8125),
-        formula=FormulaSettings(weights=FormulaWeights(text=1.5, phash=1.5), threshold=1.4731),
+        formula=FormulaSettings(
+            weights=FormulaWeights(text=1.5, phash=1.5), min_fused_score=1.4731
+        ),
     )
+
+
+DeciderName = Literal["pair-model", "fusion"]
+
+
+class DedupSettings(BaseModel):
+    """Whole-catalog matching (`prodsearch dedup`): which rule decides, and its knobs."""
+
+    decider: DeciderName = Field(
+        "pair-model", description="pair-model (learned, default) or fusion (the search rule)."
+    )
+    min2: bool = Field(True, description="A product left alone takes a close best candidate.")
+    max_cluster_size: int = Field(50, ge=1, description="No duplicate cluster grows past this.")
+    pair_model: PairModelSettings = PairModelSettings()
+    fusion: FusionDecisionSettings = FusionDecisionSettings()
 
 
 class Settings(BaseSettings):

@@ -117,12 +117,12 @@ class ModalityQuery:
 class Fusion:
     """How the engine fuses prefetches: RRF (rank-based), DBSF (normalised scores) or a formula
     (weighted sum of raw scores, a point missing from a prefetch counting 0) with a root
-    threshold."""
+    threshold on that fused score."""
 
     method: Literal["rrf", "dbsf", "formula"] = "rrf"
     rrf_k: int = 2
     weights: dict[str, float] = field(default_factory=dict)
-    threshold: float | None = None
+    min_fused_score: float | None = None
 
 
 @dataclass(frozen=True)
@@ -160,6 +160,9 @@ class Store(ABC):
     """A Qdrant deployment holding prodsearch collections."""
 
     location: str
+    #: a Qdrant server or cluster (its client may serve several threads at once); an embedded
+    #: store is entered one thread at a time (serving.SerializedStore)
+    remote: bool = False
 
     @abstractmethod
     def has_collection(self, name: str) -> bool:

@@ -117,7 +117,7 @@ def client_request(query: FusedQuery) -> models.QueryRequest:
         )
         for p in query.prefetches
     ]
-    root_threshold = query.fusion.threshold if query.fusion.method == "formula" else None
+    root_threshold = query.fusion.min_fused_score if query.fusion.method == "formula" else None
     return models.QueryRequest(
         prefetch=prefetches,
         query=_fusion_query(query.fusion, [p.modality for p in query.prefetches]),
@@ -146,6 +146,7 @@ class ClientStore(Store):
         #: storage type of the dense vectors of the collections this store creates
         self.dense_datatype = dense_datatype
         self.location = url or (f"local:{path}" if path else ":memory:")
+        self.remote = url is not None
         # Sharding and replication of the collections this store creates (a cluster's concern).
         self.collection_params = dict(collection_params or {})
         try:

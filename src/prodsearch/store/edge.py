@@ -135,7 +135,7 @@ def edge_request(query: FusedQuery) -> qe.QueryRequest:
         )
         for p in query.prefetches
     ]
-    root_threshold = query.fusion.threshold if query.fusion.method == "formula" else None
+    root_threshold = query.fusion.min_fused_score if query.fusion.method == "formula" else None
     return qe.QueryRequest(
         limit=query.limit,
         prefetches=prefetches,

@@ -1,0 +1,1 @@
+"""Evaluation: metrics, the image benchmark, tuning on labelled tables, the Shopee run."""

@@ -1,0 +1,170 @@
+"""Candidate generation: every product's candidates from batched engine queries, as one table.
+
+Each product queries the collection with its stored vectors through the formula fusion with its
+minimum off: every prefetch keeps the hits whose modality score reaches its floor, and each hit
+comes back with the formula's fused score and every modality's engine score. Relative filters
+(`RelativeFilters`) run in the engine. The pass is resumable through a `Checkpoint` whose
+fingerprint covers every input that changes its result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prodsearch.filters import Condition, FilterSpec, Range
+from prodsearch.index import Index, Match, Product
+from prodsearch.matching.checkpoint import Checkpoint
+from prodsearch.matching.table import PairTable
+from prodsearch.query import MatchOptions
+from prodsearch.settings import MODALITIES, SearchSettings
+
+#: products per batched engine request
+BATCH_SIZE = 256
+
+
+@dataclass(frozen=True)
+class RelativeFilters:
+    """Conditions a product's candidates must meet, relative to the product's own payload."""
+
+    #: payload keys whose value a candidate must share with the product (e.g. "category")
+    same: tuple[str, ...] = ()
+    #: payload keys whose value a candidate must not share with the product (e.g. "seller")
+    different: tuple[str, ...] = ()
+    #: (key, fraction): a candidate's numeric value within +-fraction of the product's
+    within: tuple[tuple[str, float], ...] = ()
+    #: an absolute filter every candidate must pass
+    filter: FilterSpec | None = None
+
+    def keys(self) -> set[str]:
+        """Every payload key the filters read."""
+        keys = set(self.same) | set(self.different) | {key for key, _ in self.within}
+        return keys | (self.filter.keys() if self.filter else set())
+
+    def for_product(self, payload: Mapping[str, Any]) -> FilterSpec | None:
+        """The engine filter for one product's candidates (None: no condition)."""
+        must = list(self.filter.must) if self.filter else []
+        must_not = list(self.filter.must_not) if self.filter else []
+        for key in self.same:
+            if key in payload:
+                must.append(Condition(key=key, value=payload[key]))
+        for key in self.different:
+            if key in payload:
+                must_not.append(Condition(key=key, value=payload[key]))
+        for key, fraction in self.within:
+            value = payload.get(key)
+            if isinstance(value, int | float):
+                low, high = sorted((value * (1 - fraction), value * (1 + fraction)))
+                must.append(Condition(key=key, range=Range(gte=low, lte=high)))
+        return FilterSpec(must=must, must_not=must_not) if must or must_not else None
+
+
+def candidate_options(index: Index, search: SearchSettings) -> MatchOptions:
+    """The engine query of candidate generation: the search's formula (its weights and floors)
+    with no minimum fused score, every prefetch's hits kept."""
+    formula = search.formula.model_copy(update={"min_fused_score": None})
+    return MatchOptions(
+        k=index.settings.prefetch_limit * len(MODALITIES), fusion="formula", formula=formula
+    )
+
+
+def collect_candidates(
+    index: Index,
+    products: Sequence[Product],
+    search: SearchSettings,
+    filters: RelativeFilters = RelativeFilters(),
+    *,
+    progress: Callable[[int], None] | None = None,
+    checkpoint: Path | None = None,
+) -> PairTable:
+    """The candidate-pair table of `products` (each queries with its stored vectors; candidates
+    outside `products` are left out). With `checkpoint`, finished batches are appended to that
+    file and a re-run with the same inputs resumes from it."""
+    options = candidate_options(index, search)
+    resumable = Checkpoint(checkpoint, _fingerprint(index, products, options, filters))
+    results = _matches(
+        index, products, options, filters, resumable if checkpoint else None, progress
+    )
+    return PairTable.from_matches([p.product_id for p in products], results)
+
+
+def _matches(
+    index: Index,
+    products: Sequence[Product],
+    options: MatchOptions,
+    filters: RelativeFilters,
+    checkpoint: Checkpoint | None,
+    progress: Callable[[int], None] | None,
+) -> Iterator[tuple[str, list[Match]]]:
+    """(product id, its matches) for every product: those a checkpoint holds first, then the
+    others in batched engine requests (each finished batch appended to the checkpoint)."""
+    done: set[str] = set()
+    for record in checkpoint.records() if checkpoint else ():
+        done.add(record["id"])
+        yield record["id"], [_match(m) for m in record["matches"]]
+    if done and progress:
+        progress(len(done))
+    todo = [p for p in products if p.product_id not in done]
+    handle = checkpoint.appender() if checkpoint else None
+    try:
+        for start in range(0, len(todo), BATCH_SIZE):
+            chunk = todo[start : start + BATCH_SIZE]
+            filter_specs = [filters.for_product(p.payload) for p in chunk]
+            found = index.match_vectors([p.vectors for p in chunk], options, filter_specs)
+            for product, matches in zip(chunk, found, strict=True):
+                if handle:
+                    record = {"id": product.product_id, "matches": [_slim(m) for m in matches]}
+                    handle.write(json.dumps(record) + "\n")
+                yield product.product_id, matches
+            if handle:
+                handle.flush()
+            if progress:
+                progress(len(chunk))
+    finally:
+        if handle:
+            handle.close()
+
+
+def _slim(match: Match) -> dict[str, Any]:
+    return {"product_id": match.product_id, "score": match.score, "scores": match.scores}
+
+
+def _match(record: dict[str, Any]) -> Match:
+    """A candidate as the checkpoint keeps it (no payload, no fired signals)."""
+    return Match(record["product_id"], record["score"], record["scores"], ())
+
+
+def _fingerprint(
+    index: Index, products: Sequence[Product], options: MatchOptions, filters: RelativeFilters
+) -> str:
+    """A digest of every input that changes the candidates: the collection (its name, encoders
+    and every product's content hash), the query (fusion, floors, weights, limits, the sparse cut,
+    the HNSW breadth) and the filters."""
+    content = hashlib.sha256()
+    for product in sorted(products, key=lambda p: p.product_id):
+        content.update(f"{product.product_id}\t{product.payload.get('content_hash')}\n".encode())
+    settings = index.settings.model_dump(
+        mode="json",
+        include={
+            "prefetch_limit",
+            "rrf_k",
+            "sparse_query_terms",
+            "sparse_candidates",
+            "hnsw_ef",
+            "hnsw_ef_large",
+        },
+    )
+    parts = {
+        "collection": index.collection,
+        "encoders": index.expected_manifest().encoders,
+        "content": content.hexdigest(),
+        "k": options.k,
+        "formula": options.formula.model_dump(mode="json") if options.formula else None,
+        "settings": settings,
+        "filters": repr(filters),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()

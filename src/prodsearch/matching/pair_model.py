@@ -1,0 +1,159 @@
+"""The pair model of whole-catalog matching: is a product's candidate the same product?
+
+Gradient-boosted trees (LightGBM) score each row of the candidate-pair table from its features
+(`features.py`). The model is **stacked** (`STAGES` stages): each stage's probabilities are made
+symmetric (the mean of the pair's two directions where both are candidates) and become graph
+features of the next (`features.STAGE_FEATURES`), so a pair's verdict draws on the verdicts
+around it, as the Kaggle Shopee winners' graph features did. Each stage is fitted on the
+previous stage's out-of-fold probabilities (group-disjoint folds).
+
+`prodsearch eval` fits the model on `val` (thresholds tuned on out-of-fold probabilities); the
+shipped one is `assets/pair_model.json` (every stage in LightGBM's text format, feature names
+included).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from prodsearch.errors import ConfigError
+from prodsearch.matching.features import feature_names, stage_features, symmetric
+from prodsearch.matching.table import PairTable
+
+SHIPPED_PAIR_MODEL = Path(__file__).resolve().parents[1] / "assets" / "pair_model.json"
+MODEL_FORMAT = "prodsearch pair model 2"
+#: stages of the stacked model and out-of-fold folds of its fit (chosen on Shopee val: README)
+STAGES = 3
+FOLDS = 5
+#: LightGBM parameters of the fit (fixed seed, deterministic on any thread count)
+LGBM_PARAMS = {
+    "objective": "binary",
+    "learning_rate": 0.08,
+    "num_leaves": 31,
+    "min_child_samples": 20,
+    "seed": 0,
+    "deterministic": True,
+    "force_row_wise": True,
+    "verbose": -1,
+}
+LGBM_ROUNDS = 300
+
+
+@dataclass
+class PairModel:
+    """A fitted pair model: one LightGBM booster per stage, and the modalities they read."""
+
+    boosters: list[Any]
+    modalities: tuple[str, ...]
+
+    @classmethod
+    def load(cls, path: Path | None = None) -> PairModel:
+        """Load a model file (None: the shipped one); its feature names give its modalities.
+
+        Raises ConfigError when the file is missing, is not a pair model, or reads features
+        this version does not compute."""
+        import lightgbm
+
+        path = Path(path or SHIPPED_PAIR_MODEL)
+        if not path.is_file():
+            raise ConfigError(f"pair model file {path} does not exist")
+        try:
+            document = json.loads(path.read_text(encoding="utf-8"))
+            if document.get("format") != MODEL_FORMAT:
+                raise ValueError(f"format {document.get('format')!r}, expected {MODEL_FORMAT!r}")
+            boosters = [lightgbm.Booster(model_str=text) for text in document["stages"]]
+            modalities = tuple(document["modalities"])
+        except (
+            ValueError,
+            KeyError,
+            TypeError,
+            AttributeError,
+            lightgbm.basic.LightGBMError,
+        ) as exc:
+            raise ConfigError(f"{path} is not a prodsearch pair model: {exc}") from exc
+        for stage, booster in enumerate(boosters, start=1):
+            if booster.feature_name() != feature_names(modalities, stage):
+                raise ConfigError(
+                    f"{path}: stage {stage} reads features {booster.feature_name()}, not those "
+                    f"of this version ({feature_names(modalities, stage)}); fit a new one with "
+                    "`prodsearch eval`"
+                )
+        return cls(boosters, modalities)
+
+    @classmethod
+    def fit(
+        cls,
+        table: PairTable,
+        features: np.ndarray,
+        same: np.ndarray,
+        groups: np.ndarray,
+        modalities: Sequence[str],
+        train: np.ndarray,
+        stages: int = STAGES,
+    ) -> tuple[PairModel, np.ndarray]:
+        """Fit the stacked model on the labelled pairs flagged in `train` (`same`: the two
+        products are one product; `groups`: each pair's query product's group, so that folds
+        never split a group).
+
+        Returns the model and the final symmetric probabilities of every pair: out of fold for
+        the training pairs (each stage's folds fitted on the previous stage's out-of-fold
+        probabilities), from the fitted model for the others. Raises ConfigError with fewer
+        than two groups.
+        """
+        from sklearn.model_selection import GroupKFold
+
+        rows = np.flatnonzero(train)
+        n_groups = len(set(groups[rows].tolist()))
+        if n_groups < 2:
+            raise ConfigError("fitting a pair model needs labelled pairs of two groups or more")
+        folds = list(GroupKFold(n_splits=min(FOLDS, n_groups)).split(rows, groups=groups[rows]))
+        label = same.astype(np.float64)
+        boosters = []
+        inputs = features
+        for stage in range(1, stages + 1):
+            names = feature_names(modalities, stage)
+            probability = np.empty(len(inputs))
+            for fit_rows, held_out in folds:
+                fold = _train(inputs[rows[fit_rows]], label[rows[fit_rows]], names)
+                probability[rows[held_out]] = fold.predict(inputs[rows[held_out]])
+            boosters.append(_train(inputs[rows], label[rows], names))
+            rest = np.ones(len(inputs), dtype=bool)
+            rest[rows] = False
+            if rest.any():
+                probability[rest] = boosters[-1].predict(inputs[rest])
+            probability = symmetric(table, probability)
+            inputs = np.column_stack([features, stage_features(table, probability)])
+        return cls(boosters, tuple(modalities)), probability
+
+    def probabilities(self, table: PairTable, features: np.ndarray) -> np.ndarray:
+        """The probability that each candidate pair is one product (`features`: the
+        `pair_features` of `table`), symmetric in the pair's two directions."""
+        if len(features) == 0:
+            return np.zeros(0)
+        inputs, probability = features, np.zeros(0)
+        for booster in self.boosters:
+            probability = symmetric(table, np.asarray(booster.predict(inputs), dtype=np.float64))
+            inputs = np.column_stack([features, stage_features(table, probability)])
+        return probability
+
+    def save(self, path: Path) -> None:
+        """Write the model: every stage in LightGBM's text format, in one JSON file."""
+        document = {
+            "format": MODEL_FORMAT,
+            "modalities": list(self.modalities),
+            "stages": [booster.model_to_string() for booster in self.boosters],
+        }
+        path.write_text(json.dumps(document), encoding="utf-8")
+
+
+def _train(inputs: np.ndarray, label: np.ndarray, names: list[str]) -> Any:
+    import lightgbm
+
+    data = lightgbm.Dataset(inputs, label=label, feature_name=names)
+    return lightgbm.train(LGBM_PARAMS, data, num_boost_round=LGBM_ROUNDS)

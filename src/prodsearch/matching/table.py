@@ -1,0 +1,160 @@
+"""The candidate-pair table: the one currency of whole-catalog matching.
+
+One row per (product `a`, candidate `b`) pair the engine found, the product itself left out;
+`a` and `b` are positions in `PairTable.ids`. Columns, filled stage by stage:
+
+- from the engine (`candidates.collect_candidates`): `score_<m>`, each modality's engine score
+  (NaN where the candidate has no such vector), and `fused`, the formula fusion's score;
+- `rank` (1 = the product's best candidate by fused score) and `gap` (its best fused score
+  minus this one), computed here;
+- from a decision (`decide.py`): `probability` (the pair model's, NaN when a fused-score rule
+  decided), `match` (bool) and `rule` (what decided: `RULES`);
+- labels, where an evaluation has them: `same` (bool).
+
+The feature matrix of the pair model (`features.py`) is computed from the table and kept beside
+it, not in it: it is wide and only the pair model reads it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from prodsearch.settings import MODALITIES
+
+#: what decided a pair (the `rule` column); "" = not a match
+RULES = ("", "modality score", "fused score", "pair model", "min-2")
+
+
+def score_column(modality: str) -> str:
+    """The table column holding a modality's engine score."""
+    return f"score_{modality}"
+
+
+@dataclass
+class PairTable:
+    """Every product's candidates as one table (see the module docstring for its columns)."""
+
+    ids: list[str]
+    frame: pd.DataFrame
+
+    @classmethod
+    def build(
+        cls,
+        ids: Sequence[str],
+        a: np.ndarray,
+        b: np.ndarray,
+        fused: np.ndarray,
+        scores: dict[str, np.ndarray],
+    ) -> PairTable:
+        """A table of the given pairs with `rank` and `gap` computed; missing modalities get NaN
+        columns."""
+        n = len(a)
+        frame = pd.DataFrame(
+            {
+                "a": np.asarray(a, dtype=np.int64),
+                "b": np.asarray(b, dtype=np.int64),
+                "fused": np.asarray(fused, dtype=np.float64),
+                **{
+                    score_column(m): np.asarray(scores.get(m, np.full(n, np.nan)), np.float64)
+                    for m in MODALITIES
+                },
+            }
+        )
+        by_product = frame.groupby("a")["fused"]
+        frame["rank"] = by_product.rank(ascending=False).to_numpy()
+        frame["gap"] = (by_product.transform("max") - frame["fused"]).to_numpy()
+        return cls(list(ids), frame)
+
+    @classmethod
+    def from_matches(
+        cls, ids: Sequence[str], results: Iterable[tuple[str, Sequence[Any]]]
+    ) -> PairTable:
+        """Flatten (product id, its engine matches) into a table over `ids` (the product itself
+        and matches outside `ids` left out)."""
+        position = {pid: i for i, pid in enumerate(ids)}
+        a: list[int] = []
+        b: list[int] = []
+        fused: list[float] = []
+        scores: dict[str, list[float]] = {m: [] for m in MODALITIES}
+        for pid, matches in results:
+            for match in matches:
+                other = position.get(match.product_id)
+                if other is None or match.product_id == pid:
+                    continue
+                a.append(position[pid])
+                b.append(other)
+                fused.append(match.score)
+                for modality, values in scores.items():
+                    values.append(match.scores.get(modality, np.nan))
+        return cls.build(
+            ids,
+            np.array(a, dtype=np.int64),
+            np.array(b, dtype=np.int64),
+            np.array(fused, dtype=np.float64),
+            {m: np.array(v, dtype=np.float64) for m, v in scores.items()},
+        )
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+    @property
+    def a(self) -> np.ndarray:
+        """Each pair's product (a position in `ids`)."""
+        return self.frame["a"].to_numpy()
+
+    @property
+    def b(self) -> np.ndarray:
+        """Each pair's candidate (a position in `ids`)."""
+        return self.frame["b"].to_numpy()
+
+    @property
+    def fused(self) -> np.ndarray:
+        """Each pair's formula fused score, as the engine computed it."""
+        return self.frame["fused"].to_numpy()
+
+    def scores(self, modality: str) -> np.ndarray:
+        """Each pair's engine score of `modality` (NaN where missing)."""
+        return self.frame[score_column(modality)].to_numpy()
+
+    def modalities(self) -> list[str]:
+        """The modalities with a score on at least one pair."""
+        return [m for m in MODALITIES if self.frame[score_column(m)].notna().any()]
+
+    def column(self, name: str) -> np.ndarray:
+        """Any column as an array (raises KeyError when a stage has not filled it)."""
+        return self.frame[name].to_numpy()
+
+    def reverse(self, values: np.ndarray) -> np.ndarray:
+        """`values` of each pair's reverse pair (b, a); NaN where b's candidates lack a."""
+        series = pd.Series(values, index=pd.MultiIndex.from_arrays([self.a, self.b]))
+        return series.reindex(pd.MultiIndex.from_arrays([self.b, self.a])).to_numpy()
+
+    def per_product(self, values: np.ndarray, how: str = "max") -> np.ndarray:
+        """An aggregate of `values` over each product's pairs, one per product in `ids` (NaN for
+        a product without candidates)."""
+        out = np.full(len(self.ids), np.nan)
+        grouped = pd.Series(values).groupby(self.a).agg(how)
+        out[grouped.index.to_numpy()] = grouped.to_numpy()
+        return out
+
+    def matched(self) -> np.ndarray:
+        """The decided pairs (the `match` column). Raises KeyError before a decision."""
+        return self.frame["match"].to_numpy(dtype=bool)
+
+    def match_sets(self) -> dict[str, list[str]]:
+        """Each product's match set, itself first, then its matches by the deciding score (the
+        probability where the pair model decided, else the fused score), best first."""
+        frame = self.frame[self.frame["match"]]
+        key = frame["probability"].fillna(frame["fused"]) if "probability" in frame else None
+        order = frame.assign(key=key if key is not None else frame["fused"]).sort_values(
+            ["a", "key"], ascending=[True, False]
+        )
+        out = {pid: [pid] for pid in self.ids}
+        for a, b in zip(order["a"].tolist(), order["b"].tolist(), strict=True):
+            out[self.ids[a]].append(self.ids[b])
+        return out

@@ -1,0 +1,146 @@
+"""The pair model's features over the candidate-pair table, and neighbourhood blending."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from prodsearch.encoders.base import SparseVec
+from prodsearch.index import Product
+from prodsearch.matching.blend import blend, blended_products
+from prodsearch.matching.features import (
+    STAGE_FEATURES,
+    feature_names,
+    pair_features,
+    stage_features,
+    symmetric,
+    title_numbers,
+)
+from prodsearch.matching.table import PairTable
+
+
+def hand_made_table() -> PairTable:
+    """Four products: a and b close to each other, c and d close to each other."""
+    nan = np.nan
+    return PairTable.build(
+        ["a", "b", "c", "d"],
+        a=np.array([0, 0, 1, 2, 3]),
+        b=np.array([1, 2, 0, 3, 2]),
+        fused=np.array([1.5, 0.5, 1.4, 0.9, 0.85]),
+        scores={
+            "text": np.array([0.9, 0.4, 0.9, 0.7, 0.7]),
+            "chars": np.array([0.6, nan, 0.5, 0.2, 0.15]),
+            "phash": np.array([0.75, 0.5, 0.75, 0.6, 0.6]),
+        },
+    )
+
+
+HAND_MADE_TEXT = np.array([[1, 0], [0.8, 0.6], [0, 1], [0.6, 0.8]], dtype=np.float32)
+HAND_MADE_TITLES = ["Oat drink 500ml", "oat drink 500 ml x2", "phone case", "case XB-450"]
+
+
+def hand_made_features(neighbour: float, modalities: list[str]) -> dict[str, np.ndarray]:
+    features = pair_features(
+        hand_made_table(),
+        modalities,
+        neighbour_min_fused_score=neighbour,
+        blend_min_fused_score=1.0,
+        dense={"text": HAND_MADE_TEXT},
+        titles=HAND_MADE_TITLES,
+    )
+    return {name: features[:, i] for i, name in enumerate(feature_names(modalities))}
+
+
+def test_the_table_ranks_each_products_candidates() -> None:
+    table = hand_made_table()
+    np.testing.assert_allclose(table.column("rank"), [1, 2, 1, 1, 1])
+    np.testing.assert_allclose(table.column("gap"), [0, 1.0, 0, 0, 0])
+    np.testing.assert_allclose(table.reverse(table.fused), [1.4, np.nan, 1.5, 0.85, 0.9])
+    assert table.modalities() == ["text", "chars", "phash"]
+
+
+def test_pair_features_follow_their_definition() -> None:
+    column = hand_made_features(0.8, ["text", "chars", "phash"])
+    np.testing.assert_allclose(column["score_chars"], [0.6, -1, 0.5, 0.2, 0.15])  # missing: -1
+    np.testing.assert_allclose(column["rank"], [1, 2, 1, 1, 1])
+    np.testing.assert_allclose(column["best"], [1.5, 1.5, 1.4, 0.9, 0.85])
+    np.testing.assert_allclose(column["gap"], [0, 1.0, 0, 0, 0])
+    # neighbourhoods (candidates >= 0.8, the product included): {a, b}, {a, b}, {c, d}, {c, d}
+    np.testing.assert_allclose(column["jaccard"], [1, 0, 1, 1, 1])
+    np.testing.assert_allclose(column["size"], [1, 1, 1, 1, 1])
+    np.testing.assert_allclose(column["reverse_total"], [1.4, -1, 1.5, 0.85, 0.9])
+    # blending (matches >= 1.0): a + 0.9 b and b + 0.9 a; c and d keep their own vectors
+    a, b, c, d = HAND_MADE_TEXT.astype(np.float64)
+    blended_a, blended_b = a + 0.9 * b, b + 0.9 * a
+    unit = [v / np.linalg.norm(v) for v in (blended_a, blended_b, c, d)]
+    expected = [unit[0] @ unit[1], unit[0] @ unit[2], unit[1] @ unit[0], unit[2] @ unit[3]]
+    np.testing.assert_allclose(column["blended_text"], [*expected, unit[3] @ unit[2]], rtol=1e-6)
+    # title numbers: {500} vs {500, 2}; a number-less title; {450}
+    np.testing.assert_allclose(column["numbers_jaccard"], [0.5, -1, 0.5, -1, -1])
+    np.testing.assert_allclose(column["numbers_one_sided"], [0, 1, 0, 1, 1])
+    assert title_numbers("Oat drink 1.5L x 6") == {"1.5", "6"}
+    # with a stricter neighbourhood c and d are strangers: a lower overlap, smaller sizes
+    strict = hand_made_features(0.95, ["text"])
+    np.testing.assert_allclose(strict["jaccard"], [1, 0, 1, 0, 0])
+    np.testing.assert_allclose(strict["candidate_size"], [1, 0, 1, 0, 0])
+    assert "score_chars" not in strict and "blended_text" in strict
+
+
+def test_symmetric_and_stage_features_follow_their_definition() -> None:
+    table = hand_made_table()  # a->b, a->c, b->a, c->d, d->c
+    previous = np.array([0.8, 0.6, 0.4, 0.9, 0.7])
+    np.testing.assert_allclose(symmetric(table, previous), [0.6, 0.6, 0.6, 0.8, 0.8])
+    column = dict(zip(STAGE_FEATURES, stage_features(table, previous).T, strict=True))
+    np.testing.assert_allclose(column["previous"], previous)
+    # a and c share no candidate; a->b: a's candidates {b, c}, b's {a}: nothing shared either
+    np.testing.assert_allclose(column["shared_weight"], 0)
+    # probable (>= 0.5) neighbours: a {b, c}, b none, c {d}, d {c}
+    np.testing.assert_allclose(column["previous_size"], [2, 2, 0, 1, 1])
+    np.testing.assert_allclose(column["previous_candidate_size"], [0, 1, 2, 1, 1])
+    np.testing.assert_allclose(column["previous_rank"], [1, 2, 1, 1, 1])
+    np.testing.assert_allclose(column["previous_gap"], [0, 0.2, 0, 0, 0])
+    # the candidate's best minus this probability: b 0.4, c 0.9, a 0.8, d 0.7, c 0.9
+    np.testing.assert_allclose(column["previous_candidate_gap"], [-0.4, 0.3, 0.4, -0.2, 0.2])
+    # two products with a common probable candidate share it
+    shared = PairTable.build(
+        ["a", "b", "x"], a=np.array([0, 0, 1]), b=np.array([1, 2, 2]), fused=np.ones(3), scores={}
+    )
+    features = dict(
+        zip(STAGE_FEATURES, stage_features(shared, np.array([0.3, 0.9, 0.5])).T, strict=True)
+    )
+    assert features["shared_weight"][0] == pytest.approx(0.9 * 0.5)
+    assert features["shared_count"][0] == 1 and features["shared_count"][1] == 0
+
+
+def test_blending_changes_dense_vectors_only_as_specified() -> None:
+    def product(pid: str, text: list[float]) -> Product:
+        sparse = SparseVec(np.array([1, 2]), np.array([0.5, 0.5], np.float32))
+        vectors = {
+            "text": np.array(text, np.float32),
+            "chars": sparse,
+            "phash": np.full(4, 0.5, np.float32),
+        }
+        return Product(pid, {"product_id": pid}, vectors)
+
+    products = [product("a", [1, 0]), product("b", [0, 1]), product("c", [0.6, 0.8])]
+    # a's candidates: b (text 0.5, matched) and c (text 0.9, not matched); b's: a (not matched)
+    table = PairTable.build(
+        ["a", "b", "c"],
+        a=np.array([0, 0, 1]),
+        b=np.array([1, 2, 0]),
+        fused=np.array([1.0, 0.5, 1.0]),
+        scores={"text": np.array([0.5, 0.9, 0.5])},
+    )
+    selected = np.array([True, False, False])
+    blended = {p.product_id: p for p in blended_products(table, products, selected)}
+    expected_a = np.array([1, 0.5]) / np.linalg.norm([1, 0.5])
+    np.testing.assert_allclose(blended["a"].vectors["text"], expected_a, rtol=1e-6)
+    np.testing.assert_allclose(blended["b"].vectors["text"], [0, 1])  # nothing selected: as is
+    np.testing.assert_allclose(blended["c"].vectors["text"], [0.6, 0.8], rtol=1e-6)
+    for p in products:  # sparse and hash vectors are never blended; payloads are kept
+        assert blended[p.product_id].vectors["chars"] is p.vectors["chars"]
+        np.testing.assert_array_equal(blended[p.product_id].vectors["phash"], np.full(4, 0.5))
+        assert blended[p.product_id].payload == p.payload
+    # the feature and the fusion path use the same blend
+    matrix = np.array([[1, 0], [0, 1], [0.6, 0.8]], dtype=np.float32)
+    np.testing.assert_allclose(blend(table, "text", matrix, selected)[0], expected_a, rtol=1e-6)
