@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from prodsearch.eval.metrics import row_scores
 from prodsearch.eval.shopee import run_evaluation
+from prodsearch.matching.pair_model import PairModel
 from prodsearch.settings import SETTINGS_FILE_ENV, Settings
 
 from .conftest import needs_shopee, shopee_groups
@@ -52,6 +54,15 @@ def test_evaluation_tunes_on_val_and_reports_test(tmp_path: Path, encoders, monk
     fused = [m for m in result.methods if m.method.startswith("fused")]
     singles = [m for m in result.methods if m.method.endswith("alone")]
     assert max(f.val.f1 for f in fused) >= max(s.val.f1 for s in singles) - 0.005
+    # a quality bar, not just a range: the fused search and the pair model beat the TF-IDF
+    # baseline of the same run on test, and predicting every product alone (F1 = mean 2/(1+n))
+    baseline = methods["baseline"].test.f1
+    alone = float(
+        np.mean([2 / (1 + n) for n in test.groupby("label_group").size().loc[test["label_group"]]])
+    )
+    pair_model = next(m for m in result.methods if m.method.startswith("dedup: pair model +"))
+    for method in (*fused, pair_model):
+        assert method.test.f1 > max(baseline, alone + 0.2), method.method
 
     settings_file = tmp_path / "prodsearch.toml"
     result.write_settings(settings_file)
@@ -62,3 +73,7 @@ def test_evaluation_tunes_on_val_and_reports_test(tmp_path: Path, encoders, monk
     assert loaded.formula.min_fused_score == pytest.approx(
         result.tuned["formula"]["min_fused_score"]
     )
+    # the pair model fitted on val is written beside the settings file, which points to it
+    model_file = tmp_path / "prodsearch.pair_model.json"
+    assert loaded.dedup.pair_model.model == model_file.resolve()
+    assert PairModel.load(model_file).modalities == result.pair_model.modalities

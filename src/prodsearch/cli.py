@@ -268,11 +268,32 @@ EncodersOption = Annotated[
 @app.command(name="eval")
 @_reports_errors
 def evaluate(
-    catalog: Annotated[Path, typer.Argument(help="Labelled catalog CSV (e.g. Shopee train.csv).")],
-    split_file: Annotated[Path, typer.Option(help="CSV of id,split with val and test rows.")],
+    catalog: Annotated[
+        Path | None,
+        typer.Argument(help="Labelled catalog CSV (e.g. Shopee train.csv); not with --pairs."),
+    ] = None,
+    split_file: Annotated[
+        Path | None,
+        typer.Option(help="Group labels: a CSV of id,split with val and test rows."),
+    ] = None,
+    pairs: Annotated[
+        Path | None,
+        typer.Option(help="Pair labels with their records (LEFT<TAB>RIGHT<TAB>LABEL lines)."),
+    ] = None,
+    labels: Annotated[
+        Path | None,
+        typer.Option(help="Pair labels of CATALOG's products: a CSV of id_a,id_b,same."),
+    ] = None,
+    train: Annotated[
+        Path | None,
+        typer.Option(
+            help="Train labels in the same format as --pairs / --labels: the TF-IDF baseline's "
+            "threshold is tuned on them."
+        ),
+    ] = None,
     recipe: Annotated[
-        str, typer.Option(help="Column mapping (see `prodsearch recipes`).")
-    ] = "shopee",
+        str | None, typer.Option(help="Column mapping (see `prodsearch recipes`).")
+    ] = None,
     label_column: Annotated[
         str, typer.Option(help="Column holding the product group.")
     ] = "label_group",
@@ -280,7 +301,7 @@ def evaluate(
         str | None,
         typer.Option(
             "--store",
-            help="Where to build the val/test collections (default: a temporary directory).",
+            help="Where to build the evaluation collections (default: a temporary directory).",
         ),
     ] = None,
     encoders: EncodersOption = None,
@@ -298,17 +319,81 @@ def evaluate(
     ] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Tune thresholds and fusion on `val`, report precision/recall/F1 on `test`.
+    """Measure matching against labels.
 
-    Each split is ingested as its own collection; every product queries its own split's catalog
-    and counts in its own match set (the Shopee metric). The val catalog is topped up with
-    `train` rows to the test catalog's size, so thresholds are tuned at the density they are
-    reported at. The TF-IDF baseline runs in the same pass.
+    Group labels (`CATALOG --split-file F`): tune thresholds, fusion and the pair model on
+    `val`, report precision/recall/F1 on `test` (each split its own collection, every product in
+    its own match set, the val catalog topped up with `train` rows to the test catalog's size).
+    Pair labels (`--pairs FILE`, or `CATALOG --labels FILE`): run the `dedup` a user runs on the
+    labelled catalog, nothing tuned on it, and report pair precision/recall/F1. Either way the
+    char TF-IDF baseline runs in the same pass.
     """
+    settings = _settings(None, None, encoders=encoders)
+    if split_file is not None:
+        if catalog is None:
+            raise ConfigError("--split-file needs the CATALOG it splits")
+        _group_eval(
+            catalog,
+            split_file,
+            recipe or "shopee",
+            label_column,
+            store,
+            settings,
+            val_catalog_size,
+            write_settings,
+            as_json,
+        )
+        return
+    from prodsearch.eval.pairs import load_labelled, run_pair_evaluation
+
+    recipe = recipe or "generic"
+    valid = load_labelled(pairs, catalog, labels, recipe)
+    trained = None
+    if train is not None:  # in the format of the labels evaluated
+        trained = (
+            load_labelled(train, None, None, recipe)
+            if pairs
+            else load_labelled(None, catalog, train, recipe)
+        )
+    result = run_pair_evaluation(valid, trained, settings=settings, store=store, console=stderr)
+    if as_json:
+        _print_json(result.as_dict())
+        return
+    table = Table(
+        title=f"{result.catalog}: {result.products:,} products, "
+        f"{result.labelled_pairs:,} labelled pairs ({result.positive_pairs:,} same)"
+    )
+    for column in ("method", "pair P", "pair R", "pair F1", "row F1"):
+        table.add_column(column)
+    table.add_row(
+        f"dedup ({result.decided_by})",
+        *(f"{v:.4f}" for v in vars(result.dedup).values()),
+        f"{result.dedup_row_f1:.4f}",
+    )
+    if result.baseline:
+        table.add_row(
+            f"TF-IDF, threshold {result.baseline_threshold} tuned on train",
+            *(f"{v:.4f}" for v in vars(result.baseline).values()),
+            "",
+        )
+    table.add_row("no match at all", "", "0.0000", "", f"{result.no_match_row_f1:.4f}")
+    _stdout().print(table)
+
+
+def _group_eval(
+    catalog: Path,
+    split_file: Path,
+    recipe: str,
+    label_column: str,
+    store: str | None,
+    settings: Any,
+    val_catalog_size: int | None,
+    write_settings: Path | None,
+    as_json: bool,
+) -> None:
     from prodsearch.eval.report import format_table
     from prodsearch.eval.shopee import run_evaluation
 
-    settings = _settings(None, None, encoders=encoders)
     result = run_evaluation(
         catalog,
         split_file,

@@ -101,6 +101,8 @@ def run_dedup(
     with _timed(seconds, "read vectors"):
         products = list(index.scroll(with_vectors=True))
         index.index_payload_fields(filters.keys(), products)
+    notes: list[str] = []
+    model = _pair_model(knobs, products, index.collection, strict, notes)
     with _timed(seconds, "candidates"):
         table = collect_candidates(
             index,
@@ -110,8 +112,6 @@ def run_dedup(
             progress=_step(progress, "candidates", len(products)),
             checkpoint=checkpoint,
         )
-    notes: list[str] = []
-    model = _pair_model(knobs, products, index.collection, strict, notes)
     if model is not None:
         with _timed(seconds, "pair model"):
             _decide_by_pair_model(table, products, model, knobs, search)
