@@ -127,6 +127,30 @@ class DedupSettings(BaseModel):
     )
 
 
+class IngestSettings(BaseModel):
+    """How `prodsearch ingest` reads a catalog file: which column is which and, for a CSV, its
+    delimiter and text encoding. None = the recipe's, or guessed from the header (columns.py) or
+    detected (tables.py); "" = no such column."""
+
+    id_column: str | None = None
+    title_column: str | None = None
+    image_column: str | None = None
+    phash_column: str | None = None
+    text_columns: list[str] = Field(
+        [], description="Columns whose texts, joined in this order, are the title signal."
+    )
+    delimiter: str | None = None
+    encoding: str | None = None
+
+    @field_validator("text_columns", mode="before")
+    @classmethod
+    def _split_names(cls, value: object) -> object:
+        # `--text-columns name,brand` and `text_columns = "name,brand"` both mean a list.
+        if isinstance(value, str):
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return value
+
+
 class Settings(BaseSettings):
     """Every knob of prodsearch. Nested values use `__` in the environment:
     `PRODSEARCH_THRESHOLDS__TEXT=0.8`."""
@@ -163,6 +187,7 @@ class Settings(BaseSettings):
     rrf_k: int = Field(2, ge=1)
     formula: FormulaSettings = FormulaSettings()
     dedup: DedupSettings = DedupSettings()
+    ingest: IngestSettings = IngestSettings()
     hnsw_ef: int | None = Field(
         None,
         ge=1,
