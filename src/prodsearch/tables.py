@@ -75,7 +75,8 @@ class Table:
     def describe(self) -> str:
         """Return one line saying what was read and how: format, rows, delimiter, encoding."""
         label = {"csv": "CSV", "parquet": "Parquet", "jsonl": "JSON Lines"}[self.format]
-        parts = [f"{self.path.name}: {label}, {len(self.frame):,} rows"]
+        rows = len(self.frame)
+        parts = [f"{self.path.name}: {label}, {rows:,} row{'' if rows == 1 else 's'}"]
         for name, value in (("delimiter", self.delimiter), ("encoding", self.encoding)):
             if value is not None:
                 how = " (detected)" if name in self.detected else ""
