@@ -7,13 +7,15 @@ split (text, chars, phash) and on Grocery Store `val` photos (image); see README
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -136,7 +138,8 @@ class IngestSettings(BaseModel):
     title_column: str | None = None
     image_column: str | None = None
     phash_column: str | None = None
-    text_columns: list[str] = Field(
+    # NoDecode: the environment's `name,brand` reaches the validator as it is (JSON works too).
+    text_columns: Annotated[list[str], NoDecode] = Field(
         [], description="Columns whose texts, joined in this order, are the title signal."
     )
     delimiter: str | None = None
@@ -146,9 +149,9 @@ class IngestSettings(BaseModel):
     @classmethod
     def _split_names(cls, value: object) -> object:
         # `--text-columns name,brand` and `text_columns = "name,brand"` both mean a list.
-        if isinstance(value, str):
+        if isinstance(value, str) and not value.lstrip().startswith("["):
             return [name.strip() for name in value.split(",") if name.strip()]
-        return value
+        return json.loads(value) if isinstance(value, str) else value
 
 
 class Settings(BaseSettings):
