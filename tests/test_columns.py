@@ -145,6 +145,13 @@ def test_an_ambiguous_title_is_settled_by_a_flag_or_by_using_both() -> None:
     assert _guess(header, title_column="title")["title"] == "title"
 
 
+def test_a_wrong_delimiter_is_pointed_out(tmp_path: Path) -> None:
+    path = tmp_path / "export.csv"
+    path.write_text("id;name\n1;Oat drink\n")
+    with pytest.raises(CatalogError, match=r"no id column.*pass --delimiter ';'"):
+        map_catalog(path, IngestSettings(delimiter=","))
+
+
 def test_a_shopee_header_points_to_its_recipe() -> None:
     header = ["posting_id", "image", "image_phash", "title", "label_group"]
     with pytest.raises(CatalogError, match="--recipe shopee"):

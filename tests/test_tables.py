@@ -68,6 +68,14 @@ def test_latin1_reads_right_and_undefined_cp1252_bytes_fall_back_to_it(tmp_path:
     assert read_table(raw).encoding == "latin-1"
 
 
+def test_json_lines_in_a_windows_encoding_are_read_right(tmp_path: Path) -> None:
+    path = tmp_path / "c.jsonl"
+    path.write_bytes('{"id": 1, "title": "Café “Noir”"}\n'.encode("cp1252"))
+    table = read_table(path)
+    assert (table.encoding, table.detected) == ("cp1252", frozenset({"encoding"}))
+    assert table.frame["title"].tolist() == ["Café “Noir”"]
+
+
 def test_a_given_encoding_or_delimiter_is_used_and_checked(tmp_path: Path) -> None:
     path = _csv(tmp_path / "c.csv", "id;title\n1;Café\n", "cp1252")
     table = read_table(path, delimiter=";", encoding="cp1252")

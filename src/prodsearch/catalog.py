@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict
 
 from prodsearch.errors import CatalogError, RowError
 from prodsearch.recipes import Recipe
-from prodsearch.tables import Table, read_table
+from prodsearch.tables import Table, delimiter_hint, read_table
 
 MAX_TITLE_CHARS = 2_000
 RESERVED_PAYLOAD_KEYS = frozenset(
@@ -226,15 +226,10 @@ def _check_columns(frame: pd.DataFrame, recipe: Recipe, path: Path) -> None:
         (recipe.title and recipe.title in columns) or (recipe.image and recipe.image in columns)
     ):
         return
-    hint = ""
-    if len(columns) == 1:
-        for delimiter in (";", "\t", "|"):
-            if delimiter in columns[0]:
-                hint = f" The header looks {delimiter!r}-delimited: pass --delimiter {delimiter!r}."
     raise CatalogError(
         f"{path}: required column(s) {missing} not found; the header has {columns[:10]}. "
         "Choose a recipe that fits (--recipe), name the columns (--id-column, --title-column, "
-        f"...) or leave --recipe out to have them guessed.{hint}"
+        f"...) or leave --recipe out to have them guessed.{delimiter_hint(columns)}"
     )
 
 

@@ -8,13 +8,18 @@ import sys
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from prodsearch.errors import ConfigError, ProdsearchError
+
+if TYPE_CHECKING:  # heavy imports wait until a command needs them
+    from prodsearch.catalog import Catalog, Rejection
+    from prodsearch.columns import MappedCatalog
+    from prodsearch.settings import Settings
 
 app = typer.Typer(
     help="Product matching for e-commerce catalogs on Qdrant.",
@@ -215,10 +220,12 @@ def ingest(
         raise typer.Exit(1)
 
 
-def _mapped_catalog(catalog: Path, recipe: str | None, settings: Any, **flags: str | None) -> Any:
+def _mapped_catalog(
+    catalog: Path, recipe: str | None, settings: Settings, **flags: str | None
+) -> MappedCatalog:
     """Read `catalog` with the column choices of `flags` over the settings' [ingest] table (and
     `recipe`, a name or path, when given); print what was read and the mapping on stderr.
-    Returns the MappedCatalog."""
+    Raises ConfigError or CatalogError (see `map_catalog`)."""
     from pydantic import ValidationError
 
     from prodsearch.columns import map_catalog
@@ -236,7 +243,7 @@ def _mapped_catalog(catalog: Path, recipe: str | None, settings: Any, **flags: s
     return mapped
 
 
-def _dry_run(catalog: Any, mapped: Any, max_image_pixels: int, as_json: bool) -> None:
+def _dry_run(catalog: Catalog, mapped: MappedCatalog, max_image_pixels: int, as_json: bool) -> None:
     """Report what ingesting `catalog` would do (its images decoded as ingest would), writing
     nothing; exit code 1 when no product is valid."""
     from collections import Counter
@@ -264,7 +271,9 @@ def _dry_run(catalog: Any, mapped: Any, max_image_pixels: int, as_json: bool) ->
         raise typer.Exit(1)
 
 
-def _print_summary(title: str, summary: dict[str, Any], rejections: list[Any], more: str) -> None:
+def _print_summary(
+    title: str, summary: dict[str, Any], rejections: list[Rejection], more: str
+) -> None:
     """Print `summary` as a table on stderr, then the first ten rejected rows."""
     table = Table(title=title, show_header=False)
     for key, value in summary.items():

@@ -23,7 +23,7 @@ from prodsearch.catalog import payload_columns
 from prodsearch.errors import CatalogError
 from prodsearch.recipes import Recipe, builtin_recipes, load_recipe
 from prodsearch.settings import IngestSettings
-from prodsearch.tables import Table, read_table
+from prodsearch.tables import Table, delimiter_hint, read_table
 
 ROLES = ("id", "title", "image", "phash")
 
@@ -220,13 +220,14 @@ def _guess_the_rest(
     if picked["id"] is None:
         raise CatalogError(
             f"{where}: no id column: none of {list(header)[:20]} is a usual id name "
-            f"({', '.join(GUESSES['id'])}); name it with {FLAGS['id']}{_recipe_hint(header)}"
+            f"({', '.join(GUESSES['id'])}); name it with {FLAGS['id']}{_recipe_hint(header)}."
+            f"{delimiter_hint(list(header))}"
         )
     if picked["title"] is None and picked["image"] is None:
         raise CatalogError(
             f"{where}: no title or image column: none of {list(header)[:20]} is a usual title "
             f"name ({', '.join(GUESSES['title'])}) or image name; name one with "
-            f"{FLAGS['title']} (or {FLAGS['image']}, --text-columns){_recipe_hint(header)}"
+            f"{FLAGS['title']} (or {FLAGS['image']}, --text-columns){_recipe_hint(header)}."
         )
     return picked
 

@@ -89,9 +89,9 @@ def read_table(path: Path, *, delimiter: str | None = None, encoding: str | None
     """Read the catalog file at `path`; its format comes from the suffix (.csv/.tsv/.txt,
     .parquet/.pq, .jsonl/.ndjson/.json).
 
-    A CSV is read with `delimiter` and `encoding`, each detected when None (see
-    `detect_delimiter`, `decode_text`). Raises CatalogError when the file as a whole cannot be
-    read (missing, unknown format, empty, undecodable, malformed).
+    A CSV is read with `delimiter`, a CSV or JSON Lines file with `encoding`, each detected when
+    None (see `detect_delimiter`, `decode_text`). Raises CatalogError when the file as a whole
+    cannot be read (missing, unknown format, empty, undecodable, malformed).
     """
     if not path.is_file():
         raise CatalogError(f"catalog file not found: {path}")
@@ -103,17 +103,16 @@ def read_table(path: Path, *, delimiter: str | None = None, encoding: str | None
         )
     if file_format is FileFormat.PARQUET:
         return Table(path, _read_parquet(path), file_format)
-    raw = path.read_bytes()
+    text, used_encoding = decode_text(path.read_bytes(), encoding, path)
+    detected = {"encoding"} if encoding is None else set()
     if file_format is FileFormat.JSON_LINES:
-        # JSON text is UTF-8 by definition (RFC 8259); a BOM is tolerated.
-        return Table(path, _read_json_lines(path, decode_text(raw, "utf-8", path)[0]), file_format)
-    text, used_encoding = decode_text(raw, encoding, path)
+        frame = _read_json_lines(path, text)
+        return Table(path, frame, file_format, None, used_encoding, frozenset(detected))
     used_delimiter = delimiter or detect_delimiter(text)
-    detected = frozenset(
-        name for name, given in (("delimiter", delimiter), ("encoding", encoding)) if not given
-    )
+    if delimiter is None:
+        detected.add("delimiter")
     frame = _parse_csv(text, used_delimiter, path)
-    return Table(path, frame, file_format, used_delimiter, used_encoding, detected)
+    return Table(path, frame, file_format, used_delimiter, used_encoding, frozenset(detected))
 
 
 def decode_text(raw: bytes, encoding: str | None, path: Path) -> tuple[str, str]:
@@ -179,6 +178,17 @@ def detect_delimiter(text: str) -> str:
         if best is None or (fitting, width) > best:
             best, chosen = (fitting, width), delimiter
     return chosen
+
+
+def delimiter_hint(columns: list[str]) -> str:
+    """Return a sentence for an error about a one-column header that another delimiter would
+    split ("" when there is none to give)."""
+    if len(columns) != 1:
+        return ""
+    for delimiter in CSV_DELIMITERS[1:]:
+        if delimiter in columns[0]:
+            return f" The header looks {delimiter!r}-delimited: pass --delimiter {delimiter!r}."
+    return ""
 
 
 def _parse_csv(text: str, delimiter: str, path: Path) -> pd.DataFrame:
