@@ -31,7 +31,7 @@ class Recipe(BaseModel):
     #: more columns for the title signal: the texts of `title_columns()`, joined in that order
     text_columns: list[str] = []
     delimiter: str = ","
-    #: a CSV's text encoding (a UTF-8 byte-order mark is accepted)
+    #: a CSV or JSON Lines file's text encoding (a UTF-8 byte-order mark is accepted)
     encoding: str = "utf-8"
 
     @field_validator("title", "image", "phash", mode="before")
