@@ -285,7 +285,8 @@ def _resolve_image(
         raise RowError(
             row,
             recipe.image,
-            f"image {value[:80]!r} is a URL; download the images and pass --images-dir",
+            f"image {value[:80]!r} is a URL; download the images and pass --images-dir, or "
+            "leave images out (--image-column '')",
             product_id,
         )
     candidate = (image_root / value).resolve()
