@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from PIL import Image
 
-from prodsearch.catalog import clean_title, read_catalog
+from prodsearch.catalog import catalog_from_table, clean_title, read_catalog
 from prodsearch.errors import CatalogError
-from prodsearch.recipes import load_recipe
+from prodsearch.recipes import Recipe, load_recipe
+from prodsearch.tables import read_table
 
 GENERIC = load_recipe("generic")
 
@@ -110,3 +112,44 @@ def test_shopee_recipe_maps_real_columns(tmp_path: Path) -> None:
     assert row.product_id == "train_1" and row.phash == "94974f937d4c2433"
     assert row.image_path is None  # the JPEGs are not on hand: not mapped
     assert row.payload == {"image": "abc.jpg", "label_group": 249114794}
+
+
+def test_text_columns_join_into_the_title_and_stay_payload(tmp_path: Path) -> None:
+    csv = _write(tmp_path / "c.csv", "sku,name,brand,title\n1,Oat drink 1 L,Oatly,old\n2,,,\n")
+    recipe = Recipe(id="sku", title="name", text_columns=["brand", "name", "title"])
+    catalog = read_catalog(csv, recipe)
+    (row,) = catalog.rows
+    assert row.title == "Oatly Oat drink 1 L old"
+    assert row.payload == {"brand": "Oatly"}  # `title` is reserved: its text is in the title
+    (rejection,) = catalog.rejections
+    assert (rejection.row, rejection.field) == (3, "name")
+    missing = Recipe(id="sku", title="name", text_columns=["colour"])
+    with pytest.raises(CatalogError, match=r"text column\(s\) \['colour'\] not found"):
+        read_catalog(csv, missing)
+
+
+def test_the_same_export_as_csv_parquet_and_json_lines_gives_the_same_rows(
+    tmp_path: Path,
+) -> None:
+    frame = pd.DataFrame(
+        {
+            "sku": ["a-1", "a-2", "a-3", "a-4"],
+            "name": ["Crème brûlée 4×100 g", "Oat drink, 1 L", "", "Soy drink"],
+            "price": ["2.5", "3", "1", ""],
+            "Dataset": ["shop-a", "shop-b", "shop-a", "shop-b"],
+        }
+    )
+    frame.to_csv(tmp_path / "e.csv", sep=";", index=False, encoding="cp1252")
+    typed = pd.read_csv(tmp_path / "e.csv", sep=";", encoding="cp1252")  # as a user converts
+    typed.to_parquet(tmp_path / "e.parquet")
+    typed.to_json(tmp_path / "e.jsonl", orient="records", lines=True, force_ascii=False)
+    recipe = Recipe(id="sku", title="name")
+    read = [
+        catalog_from_table(read_table(tmp_path / name), recipe)
+        for name in ("e.csv", "e.parquet", "e.jsonl")
+    ]
+    csv_rows, *others = ([(r.product_id, r.title, r.payload) for r in c.rows] for c in read)
+    assert csv_rows[0] == ("a-1", "Crème brûlée 4×100 g", {"price": 2.5, "Dataset": "shop-a"})
+    assert csv_rows[1][2] == {"price": 3, "Dataset": "shop-b"}
+    assert all(rows == csv_rows for rows in others)
+    assert [r.product_id for c in read for r in c.rejections] == ["a-3"] * 3

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -172,3 +174,146 @@ def test_dedup_and_explain_commands(tmp_path: Path) -> None:
     assert not_audit.returncode == 1 and "not a dedup audit trail" in not_audit.stderr
     missing = run("explain", pid, "no-such-id", "--store", store)
     assert missing.returncode == 1 and "not in collection" in missing.stderr
+
+
+def _clean_env() -> dict[str, str]:
+    """The environment without PRODSEARCH_* settings: commands run on their defaults in cwd."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("PRODSEARCH_")}
+
+
+def _in(folder: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "prodsearch.cli", *args],
+        capture_output=True,
+        text=True,
+        env=_clean_env(),
+        cwd=folder,
+        timeout=600,
+    )
+
+
+EXPORT = (
+    "id;name;description;price;Dataset\n"
+    "1;Oatly Oat Drink 1 L;Oat drink, chilled;2.49;shop-a\n"
+    "2;OATLY oat drink 1l;Havredryck;2.45;shop-b\n"
+    "3;;no name;1.00;shop-b\n"
+)
+
+
+def test_dry_run_prints_mapping_counts_and_bad_rows_and_writes_nothing(tmp_path: Path) -> None:
+    (tmp_path / "export.csv").write_text(EXPORT, encoding="utf-8")
+    result = _in(tmp_path, "ingest", "export.csv", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "delimiter ';' (detected)" in result.stderr
+    assert "title <- name (guessed)" in result.stderr
+    assert "row 4 (name): empty title and no image" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export.csv"]
+    document = json.loads(_in(tmp_path, "ingest", "export.csv", "--dry-run", "--json").stdout)
+    assert (document["rows_read"], document["valid"], document["skipped"]) == (3, 2, 1)
+    assert document["columns"]["title"] == "name" and document["columns"]["delimiter"] == ";"
+    assert document["rejections"] == [
+        {"row": 4, "product_id": "3", "field": "name", "reason": "empty title and no image"}
+    ]
+    (tmp_path / "bad.csv").write_text("sku,name\n,x\n")
+    none_valid = _in(tmp_path, "ingest", "bad.csv", "--dry-run")
+    assert none_valid.returncode == 1 and "no product could be ingested" in none_valid.stderr
+    assert (
+        not (tmp_path / "prodsearch-data").exists() and not (tmp_path / "bad.rejects.csv").exists()
+    )
+
+
+def test_ambiguous_and_unguessable_headers_are_refused_clearly(tmp_path: Path) -> None:
+    (tmp_path / "two.csv").write_text("id,name,title\n1,a,b\n")
+    refused = _in(tmp_path, "ingest", "two.csv")
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "'name' and 'title'" in refused.stderr and "--title-column" in refused.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["two.csv"]
+    settled = _in(tmp_path, "ingest", "two.csv", "--text-columns", "name,title", "--dry-run")
+    assert settled.returncode == 0 and "title <- name + title (given)" in settled.stderr
+    (tmp_path / "codes.csv").write_text("code,label\n1,a\n")
+    no_id = _in(tmp_path, "ingest", "codes.csv", "--dry-run")
+    assert no_id.returncode == 1 and "no id column" in no_id.stderr
+    named = _in(
+        tmp_path,
+        "ingest",
+        "codes.csv",
+        "--id-column",
+        "code",
+        "--title-column",
+        "label",
+        "--dry-run",
+    )
+    assert named.returncode == 0 and "id    <- code (given)" in named.stderr
+    typo = _in(tmp_path, "ingest", "codes.csv", "--id-column", "Code", "--dry-run")
+    assert typo.returncode == 1 and "did you mean 'code'?" in typo.stderr
+
+
+def test_settings_file_columns_and_recipes_from(tmp_path: Path) -> None:
+    (tmp_path / "two.csv").write_text("id|name|title|price\n1|Oat drink|x|2\n")
+    (tmp_path / "prodsearch.toml").write_text('[ingest]\ntitle_column = "name"\n')
+    from_settings = _in(tmp_path, "ingest", "two.csv", "--dry-run")
+    assert from_settings.returncode == 1  # `title` is then payload: a reserved key
+    assert "clash" in from_settings.stderr and "--text-columns" in from_settings.stderr
+    written = _in(tmp_path, "recipes", "--from", "two.csv", "--text-columns", "name,title")
+    assert written.returncode == 0, written.stderr
+    assert 'title = "name"' in written.stdout and 'delimiter = "|"' in written.stdout
+    saved = _in(
+        tmp_path, "recipes", "--from", "two.csv", "--title-column", "title", "--out", "t.toml"
+    )
+    assert saved.returncode == 0 and "recipe written to t.toml" in saved.stderr
+    (tmp_path / "prodsearch.toml").unlink()
+    reread = _in(tmp_path, "ingest", "two.csv", "--recipe", "t.toml", "--dry-run")
+    assert reread.returncode == 0, reread.stderr
+    assert "title <- title (recipe)" in reread.stderr and "delimiter '|';" in reread.stderr
+    misuse = _in(tmp_path, "recipes", "--title-column", "name")
+    assert misuse.returncode == 1 and "only with --from" in misuse.stderr
+    assert "(no --recipe)" in _in(tmp_path, "recipes").stdout
+
+
+def _readme_section() -> str:
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    start, end = "<!-- own-catalog:start -->", "<!-- own-catalog:end -->"
+    assert start in text and end in text, "README.md lost its own-catalog markers"
+    return text[text.index(start) : text.index(end)]
+
+
+def _fenced(section: str, language: str) -> list[str]:
+    """The contents of the section's ```language blocks, in order."""
+    return re.findall(rf"^```{language}\n(.*?)^```$", section, flags=re.DOTALL | re.MULTILINE)
+
+
+def test_readme_own_catalog_commands_run(tmp_path: Path) -> None:
+    """The README's "Your own catalog": its export saved as export.csv, its commands run in
+    order as a user types them, its printed mapping and guessing table as the code has them."""
+    from prodsearch.columns import GUESSES
+
+    section = _readme_section()
+    (export,) = _fenced(section, "csv")
+    (commands,) = _fenced(section, "bash")
+    (printed,) = _fenced(section, "text")
+    (settings,) = _fenced(section, "toml")
+    (tmp_path / "export.csv").write_text(export, encoding="utf-8")
+    outputs = []
+    for line in commands.splitlines():
+        words = shlex.split(line, comments=True)
+        if not words:
+            continue
+        assert words[0] == "prodsearch", line
+        result = _in(tmp_path, *words[1:])
+        assert result.returncode == 0, f"{line}\n{result.stderr[-2000:]}"
+        outputs.append(result)
+    dry_run = outputs[0].stderr.splitlines()
+    assert all(line in dry_run for line in printed.splitlines())
+    assert "oatly" in outputs[2].stdout.lower()
+    matches = {
+        row["id"]: row["matches"].split()
+        for row in csv.DictReader((tmp_path / "matches.csv").open())
+    }
+    assert len(matches) == len(export.splitlines()) - 1 and "b-201" in matches["a-101"]
+    assert re.search(r"unchanged\W+12\b", outputs[-1].stderr), outputs[-1].stderr
+    for role, names in GUESSES.items():  # the README's table lists the guesses the code makes
+        (row,) = [line for line in section.splitlines() if line.startswith(f"| {role} |")]
+        assert row.split("|")[2].strip().split(", ") == list(names), role
+    (tmp_path / "prodsearch.toml").write_text(settings, encoding="utf-8")
+    from_settings = _in(tmp_path, "ingest", "export.csv", "--dry-run")
+    assert "title <- name (given)" in from_settings.stderr

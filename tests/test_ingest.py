@@ -14,11 +14,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from prodsearch.catalog import read_catalog
+from prodsearch.catalog import catalog_from_table, read_catalog
+from prodsearch.columns import map_catalog
 from prodsearch.index import Index
-from prodsearch.ingest import ingest_catalog
+from prodsearch.ingest import check_images, ingest_catalog
 from prodsearch.recipes import load_recipe
-from prodsearch.settings import Settings
+from prodsearch.settings import IngestSettings, Settings
 from prodsearch.store import point_id
 
 from .conftest import DATA, needs_shopee, shopee_groups
@@ -172,3 +173,68 @@ def test_resume_after_a_killed_ingest(tmp_path) -> None:
             "products", [point_id(p) for p in frame["posting_id"][:50]], True
         )
         assert all({"text", "chars", "phash"} <= set(p.vectors) for p in stored)
+
+
+def _ingest_guessed(path, store, encoders) -> dict[str, tuple[dict, dict]]:
+    """Ingest `path` as `prodsearch ingest` does without a recipe; return what was stored."""
+    mapped = map_catalog(path, IngestSettings())
+    with Index(str(store), "p", Settings(), encoders) as index:
+        ingest_catalog(index, catalog_from_table(mapped.table, mapped.recipe))
+        return _stored(index)
+
+
+def test_a_cp1252_export_ingests_with_its_accents(tmp_path, encoders) -> None:
+    export = tmp_path / "export.csv"
+    export.write_bytes(
+        "id;name;description;price;Dataset\n"
+        "1;Crème brûlée 4×100 g;Dessert, chilled;2,50;shop-a\n"
+        "2;Café “Noir” – 500 g;Coffee;4,99;shop-b\n".encode("cp1252")
+    )
+    stored = _ingest_guessed(export, tmp_path / "s", encoders)
+    assert stored["1"][0]["title"] == "Crème brûlée 4×100 g"
+    assert stored["2"][0]["title"] == "Café “Noir” – 500 g"
+    assert stored["1"][0]["description"] == "Dessert, chilled"
+
+
+def test_csv_parquet_and_json_lines_give_the_same_collection(tmp_path, encoders) -> None:
+    export = tmp_path / "export.csv"
+    export.write_text(
+        "id;name;description;price;Dataset\n"
+        "a-1;Oatly Oat Drink 1 L;Oat drink, chilled;2.49;shop-a\n"
+        "a-2;Alpro Soya Drink Original 1L;Soy drink;3;shop-a\n"
+        "b-1;OATLY oat drink 1l;Havredryck;2.45;shop-b\n"
+        "b-2;;no title;1;shop-b\n",
+        encoding="utf-8",
+    )
+    typed = pd.read_csv(export, sep=";")  # the same export saved by pandas, as a user converts it
+    typed.to_parquet(tmp_path / "export.parquet")
+    typed.to_json(tmp_path / "export.jsonl", orient="records", lines=True, force_ascii=False)
+    stored = {
+        name: _ingest_guessed(tmp_path / name, tmp_path / name.replace(".", "-"), encoders)
+        for name in ("export.csv", "export.parquet", "export.jsonl")
+    }
+    from_csv = stored["export.csv"]
+    assert sorted(from_csv) == ["a-1", "a-2", "b-1"]
+    assert from_csv["a-2"][0]["price"] == 3 and from_csv["a-1"][0]["price"] == 2.49
+    for name, points in stored.items():
+        assert points.keys() == from_csv.keys(), name
+        for product_id, (payload, vectors) in points.items():
+            assert payload == from_csv[product_id][0], (name, product_id)  # content hash too
+            for vector_name, vector in vectors.items():
+                other = from_csv[product_id][1][vector_name]
+                if hasattr(vector, "indices"):
+                    np.testing.assert_array_equal(vector.indices, other.indices)
+                    vector, other = vector.values, other.values
+                np.testing.assert_allclose(vector, other, atol=1e-6, err_msg=vector_name)
+
+
+def test_check_images_reports_what_ingest_would_and_writes_nothing(tmp_path) -> None:
+    Image.new("RGB", (16, 16), "red").save(tmp_path / "ok.jpg")
+    (tmp_path / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    catalog = tmp_path / "c.csv"
+    catalog.write_text("id,title,image\np1,Red,ok.jpg\np2,Broken,corrupt.jpg\n,No id,\n")
+    checked = check_images(read_catalog(catalog, GENERIC), max_pixels=1_000_000)
+    assert [r.product_id for r in checked.rows] == ["p1"]
+    assert [(r.row, r.field) for r in checked.rejections] == [(4, "id"), (3, "image")]
+    assert "corrupt" in checked.rejections[1].reason
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.csv", "corrupt.jpg", "ok.jpg"]

@@ -39,3 +39,18 @@ def test_invalid_settings_are_rejected(monkeypatch) -> None:
     monkeypatch.setenv("PRODSEARCH_FUSION", "average")
     with pytest.raises(ValidationError):
         Settings()
+
+
+def test_ingest_column_choices_from_a_file_and_the_environment(tmp_path, monkeypatch) -> None:
+    path = tmp_path / "s.toml"
+    path.write_text('[ingest]\ntitle_column = "name"\ntext_columns = ["name", "brand"]\n')
+    monkeypatch.setenv(SETTINGS_FILE_ENV, str(path))
+    from_file = Settings().ingest
+    assert (from_file.title_column, from_file.text_columns) == ("name", ["name", "brand"])
+    assert from_file.id_column is None and from_file.delimiter is None
+    monkeypatch.setenv("PRODSEARCH_INGEST__TEXT_COLUMNS", "name, colour")
+    monkeypatch.setenv("PRODSEARCH_INGEST__DELIMITER", ";")
+    from_env = Settings().ingest
+    assert (from_env.text_columns, from_env.delimiter) == (["name", "colour"], ";")
+    monkeypatch.setenv("PRODSEARCH_INGEST__TEXT_COLUMNS", '["a", "b"]')
+    assert Settings().ingest.text_columns == ["a", "b"]

@@ -1,11 +1,11 @@
-"""Reading a catalog CSV into validated product rows; bad rows become Rejections, never aborts.
+"""Reading a catalog file into validated product rows; bad rows become Rejections, never aborts.
 
-Rows are numbered as in a spreadsheet: the header is row 1, the first product row 2.
+Rows are numbered as the file shows them (tables.py): a CSV as a spreadsheet (the header is row
+1, the first product row 2), JSON Lines by line, Parquet from 1.
 """
 
 from __future__ import annotations
 
-import csv
 import html
 import math
 import re
@@ -20,9 +20,9 @@ from pydantic import BaseModel, ConfigDict
 
 from prodsearch.errors import CatalogError, RowError
 from prodsearch.recipes import Recipe
+from prodsearch.tables import Table, delimiter_hint, read_table
 
 MAX_TITLE_CHARS = 2_000
-FIRST_DATA_ROW = 2
 RESERVED_PAYLOAD_KEYS = frozenset(
     {"product_id", "title", "image_path", "image_phash", "content_hash"}
 )
@@ -86,29 +86,52 @@ def _decode_byte_escapes(match: re.Match[str]) -> str:
 
 
 def read_catalog(path: Path, recipe: Recipe, images_dir: Path | None = None) -> Catalog:
-    """Read the CSV at `path` with `recipe`'s column mapping.
+    """Read the catalog file at `path` (a CSV in the recipe's delimiter and encoding, Parquet or
+    JSON Lines) with `recipe`'s column mapping; see `catalog_from_table`.
 
-    Images are resolved against `images_dir` (default: the CSV's folder) and must stay inside it.
-    Returns the valid rows and the rejected ones. Raises CatalogError when the file as a whole
-    cannot be used (missing, not UTF-8, empty, wrong delimiter, required columns absent).
+    Raises CatalogError when the file as a whole cannot be used (missing, not in the recipe's
+    encoding, empty, wrong delimiter, required columns absent).
     """
-    frame = _read_frame(path, recipe)
+    table = read_table(path, delimiter=recipe.delimiter, encoding=recipe.encoding)
+    return catalog_from_table(table, recipe, images_dir)
+
+
+def catalog_from_table(table: Table, recipe: Recipe, images_dir: Path | None = None) -> Catalog:
+    """Validate every row of `table` with `recipe`'s column mapping.
+
+    Images are resolved against `images_dir` (default: the file's folder) and must stay inside
+    it. Returns the valid rows and the rejected ones. Raises CatalogError when the table as a
+    whole cannot be used (required columns absent, a column clashing with a payload key).
+    """
+    path, frame = table.path, table.frame
     _check_columns(frame, recipe, path)
     image_root = (images_dir or path.parent).resolve()
-    payload_columns = [c for c in frame.columns if c not in recipe.mapped_columns()]
-    clashes = RESERVED_PAYLOAD_KEYS.intersection(payload_columns)
+    payload = payload_columns(list(frame.columns), recipe)
+    clashes = RESERVED_PAYLOAD_KEYS.intersection(payload)
     if clashes:
         raise CatalogError(
             f"{path}: column(s) {sorted(clashes)} clash with prodsearch's own payload keys; "
-            "rename them or map them in a recipe"
+            "rename them, map them in a recipe, or add them to the title (--text-columns)"
         )
-    numeric = {c for c in payload_columns if _is_numeric(frame[c])}
+    numeric = {c for c in payload if _is_numeric(frame[c])}
     validations = (
-        (row, partial(_validate_row, row, record, recipe, image_root, payload_columns, numeric))
-        for row, record in enumerate(frame.to_dict(orient="records"), start=FIRST_DATA_ROW)
+        (row, partial(_validate_row, row, record, recipe, image_root, payload, numeric))
+        for row, record in zip(frame.index, frame.to_dict(orient="records"), strict=True)
     )
     rows, rejections = collect_rows(validations, id_field=recipe.id)
     return Catalog(path=path, rows=rows, rejections=rejections, rows_read=len(frame))
+
+
+def payload_columns(columns: list[str], recipe: Recipe) -> list[str]:
+    """Return the columns kept as payload: every column `recipe` does not map. A text column
+    stays payload too (a filter on `brand` still works), unless prodsearch reserves its name:
+    its text is in the title already."""
+    return [
+        c
+        for c in columns
+        if c not in recipe.mapped_columns()
+        and not (c in recipe.text_columns and c in RESERVED_PAYLOAD_KEYS)
+    ]
 
 
 def collect_rows(
@@ -190,45 +213,23 @@ def check_payload(row: int, product_id: str, payload: Mapping[str, Any], field: 
         )
 
 
-def _read_frame(path: Path, recipe: Recipe) -> pd.DataFrame:
-    if not path.is_file():
-        raise CatalogError(f"catalog file not found: {path}")
-    try:
-        return pd.read_csv(
-            path,
-            dtype=str,
-            keep_default_na=False,
-            sep=recipe.delimiter,
-            encoding="utf-8",
-            quoting=csv.QUOTE_MINIMAL,
-        )
-    except UnicodeDecodeError as exc:
-        raise CatalogError(
-            f"{path} is not UTF-8 (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
-            "re-save the file as UTF-8"
-        ) from exc
-    except pd.errors.EmptyDataError as exc:
-        raise CatalogError(f"{path} is empty: expected a header row and product rows") from exc
-    except pd.errors.ParserError as exc:
-        raise CatalogError(f"{path} is not a valid CSV: {exc}") from exc
-
-
 def _check_columns(frame: pd.DataFrame, recipe: Recipe, path: Path) -> None:
     columns = list(frame.columns)
+    absent_text = [c for c in recipe.text_columns if c not in columns]
+    if absent_text:
+        raise CatalogError(
+            f"{path}: text column(s) {absent_text} not found; the header has {columns[:20]}"
+        )
     required = [recipe.id] + [c for c in (recipe.title, recipe.image) if c]
     missing = [c for c in required if c not in columns]
     if recipe.id in columns and (
         (recipe.title and recipe.title in columns) or (recipe.image and recipe.image in columns)
     ):
         return
-    hint = ""
-    if len(columns) == 1:
-        for delimiter in (";", "\t", "|"):
-            if delimiter in columns[0]:
-                hint = f" The header looks {delimiter!r}-delimited: pass --delimiter {delimiter!r}."
     raise CatalogError(
         f"{path}: required column(s) {missing} not found; the header has {columns[:10]}. "
-        f"Choose a recipe that fits (--recipe) or rename the columns.{hint}"
+        "Choose a recipe that fits (--recipe), name the columns (--id-column, --title-column, "
+        f"...) or leave --recipe out to have them guessed.{delimiter_hint(columns)}"
     )
 
 
@@ -250,7 +251,7 @@ def _validate_row(
     product_id, title, phash = check_product(
         row,
         record.get(recipe.id),
-        record.get(recipe.title) if recipe.title else None,
+        " ".join(text for c in recipe.title_columns() if (text := (record.get(c) or "").strip())),
         record.get(recipe.phash) if recipe.phash else None,
         has_image=bool(recipe.image and (record.get(recipe.image) or "").strip()),
         fields=recipe,
@@ -284,7 +285,8 @@ def _resolve_image(
         raise RowError(
             row,
             recipe.image,
-            f"image {value[:80]!r} is a URL; download the images and pass --images-dir",
+            f"image {value[:80]!r} is a URL; download the images and pass --images-dir, or "
+            "leave images out (--image-column '')",
             product_id,
         )
     candidate = (image_root / value).resolve()

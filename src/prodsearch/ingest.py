@@ -186,13 +186,9 @@ def _read_batch(index: Index, rows: Sequence[CatalogRow], store_lock: threading.
     prepared: list[_Prepared] = []
     for row in rows:
         try:
-            image_bytes = row.image_bytes or (
-                row.image_path.read_bytes() if row.image_path else None
-            )
+            image_bytes = _image_bytes(row)
         except OSError as exc:
-            rejections.append(
-                Rejection(row.row, row.product_id, "image", f"cannot read image: {exc.strerror}")
-            )
+            rejections.append(_unreadable(row, exc))
             continue
         prepared.append(_Prepared(row, content_hash(row, image_bytes), image_bytes))
 
@@ -206,7 +202,7 @@ def _read_batch(index: Index, rows: Sequence[CatalogRow], store_lock: threading.
         try:
             inputs.append(_encoder_input(item, index.settings.max_image_pixels))
         except ImageError as exc:
-            rejections.append(Rejection(item.row.row, item.row.product_id, "image", str(exc)))
+            rejections.append(_undecodable(item.row, exc))
             continue
         kept.append(item)
     # Crop images for the network here; then only the crops are kept (a batch of full-size
@@ -216,6 +212,40 @@ def _read_batch(index: Index, rows: Sequence[CatalogRow], store_lock: threading.
         for given in index.encoders.prepare(inputs)
     ]
     return _ReadBatch(len(rows), kept, inputs, len(prepared) - len(changed), rejections)
+
+
+def check_images(catalog: Catalog, max_pixels: int) -> Catalog:
+    """Return `catalog` with the rows whose image ingest could not read or decode moved to its
+    rejections, as ingest would report them: ingest's checks without encoders or a store (a dry
+    run). Nothing is written."""
+    rows: list[CatalogRow] = []
+    rejections = list(catalog.rejections)
+    for row in catalog.rows:
+        try:
+            image_bytes = _image_bytes(row)
+            if image_bytes is not None:
+                load_image(image_bytes, max_pixels=max_pixels)
+        except OSError as exc:
+            rejections.append(_unreadable(row, exc))
+            continue
+        except ImageError as exc:
+            rejections.append(_undecodable(row, exc))
+            continue
+        rows.append(row)
+    return replace(catalog, rows=rows, rejections=rejections)
+
+
+def _image_bytes(row: CatalogRow) -> bytes | None:
+    """The row's encoded image, read from its path when it did not arrive with it (OSError)."""
+    return row.image_bytes or (row.image_path.read_bytes() if row.image_path else None)
+
+
+def _unreadable(row: CatalogRow, error: OSError) -> Rejection:
+    return Rejection(row.row, row.product_id, "image", f"cannot read image: {error.strerror}")
+
+
+def _undecodable(row: CatalogRow, error: ImageError) -> Rejection:
+    return Rejection(row.row, row.product_id, "image", str(error))
 
 
 def _store_batch(

@@ -9,7 +9,8 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
-from pydantic import BaseModel, ValidationError
+import tomli_w
+from pydantic import BaseModel, ValidationError, field_validator
 
 from prodsearch.errors import ConfigError
 
@@ -19,18 +20,40 @@ _RECIPE_DIRS = (_PACKAGE_DIR / "recipes", _PACKAGE_DIR.parents[1] / "ingest" / "
 
 
 class Recipe(BaseModel):
-    """Column mapping of one catalog format. Columns not named here become payload."""
+    """Column mapping of one catalog format. Columns not named here become payload; "" names no
+    column (TOML has no null)."""
 
     description: str = ""
     id: str
     title: str | None = "title"
     image: str | None = None
     phash: str | None = None
+    #: more columns for the title signal: the texts of `title_columns()`, joined in that order
+    text_columns: list[str] = []
     delimiter: str = ","
+    #: a CSV or JSON Lines file's text encoding (a UTF-8 byte-order mark is accepted)
+    encoding: str = "utf-8"
+
+    @field_validator("title", "image", "phash", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if value == "" else value
 
     def mapped_columns(self) -> set[str]:
         """Return the CSV columns this recipe consumes (the rest is payload)."""
         return {c for c in (self.id, self.title, self.image, self.phash) if c}
+
+    def title_columns(self) -> list[str]:
+        """Return the columns whose texts, joined with a space, are a product's title: the
+        text columns in their order, the title column first unless they name it."""
+        if self.title and self.title not in self.text_columns:
+            return [self.title, *self.text_columns]
+        return list(self.text_columns)
+
+    def to_toml(self) -> str:
+        """Return this recipe as a recipe file's TOML (what `load_recipe` reads back)."""
+        document = {**self.model_dump(), "title": self.title or ""}  # "title" is the default
+        return tomli_w.dumps({k: v for k, v in document.items() if v is not None and v != []})
 
 
 def recipes_dir() -> Path:

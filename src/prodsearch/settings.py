@@ -7,13 +7,15 @@ split (text, chars, phash) and on Grocery Store `val` photos (image); see README
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -146,6 +148,31 @@ class DedupSettings(BaseModel):
     fusion: FusionDecisionSettings = FusionDecisionSettings()
 
 
+class IngestSettings(BaseModel):
+    """How `prodsearch ingest` reads a catalog file: which column is which and, for a CSV, its
+    delimiter and text encoding. None = the recipe's, or guessed from the header (columns.py) or
+    detected (tables.py); "" = no such column."""
+
+    id_column: str | None = None
+    title_column: str | None = None
+    image_column: str | None = None
+    phash_column: str | None = None
+    # NoDecode: the environment's `name,brand` reaches the validator as it is (JSON works too).
+    text_columns: Annotated[list[str], NoDecode] = Field(
+        [], description="Columns whose texts, joined in this order, are the title signal."
+    )
+    delimiter: str | None = None
+    encoding: str | None = None
+
+    @field_validator("text_columns", mode="before")
+    @classmethod
+    def _split_names(cls, value: object) -> object:
+        # `--text-columns name,brand` and `text_columns = "name,brand"` both mean a list.
+        if isinstance(value, str) and not value.lstrip().startswith("["):
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return json.loads(value) if isinstance(value, str) else value
+
+
 class Settings(BaseSettings):
     """Every knob of prodsearch. Nested values use `__` in the environment:
     `PRODSEARCH_THRESHOLDS__TEXT=0.8`."""
@@ -182,6 +209,7 @@ class Settings(BaseSettings):
     rrf_k: int = Field(2, ge=1)
     formula: FormulaSettings = FormulaSettings()
     dedup: DedupSettings = DedupSettings()
+    ingest: IngestSettings = IngestSettings()
     hnsw_ef: int | None = Field(
         None,
         ge=1,
