@@ -97,6 +97,17 @@ class SearchSettings(BaseModel):
     formula: FormulaSettings = FormulaSettings()
 
 
+class CalibrationSettings(BaseModel):
+    """A catalog's Platt scaling of the pair model, fitted on labelled pairs:
+    `sigmoid(slope * logit(p) + intercept)`."""
+
+    slope: float = 1.0
+    intercept: float = 0.0
+    labels: int = Field(0, description="Labelled pairs it was fitted on.")
+    positives: int = Field(0, description="Of which answered 'same'.")
+    fitted_at: str = Field("", description="When (UTC, ISO 8601).")
+
+
 class PairModelSettings(BaseModel):
     """The pair model of `prodsearch dedup`: stacked gradient-boosted trees over each candidate
     pair's engine scores, neighbourhood and title features (matching/features.py lists them);
@@ -112,6 +123,11 @@ class PairModelSettings(BaseModel):
     min_probability: float = Field(0.32, description="Probability a match must reach.")
     min2_min_probability: float = Field(
         0.32, description="Probability a lone product's best candidate must reach (min-2)."
+    )
+    calibration: CalibrationSettings | None = Field(
+        None,
+        description="This catalog's recalibration of the probabilities (`prodsearch calibrate` "
+        "writes it); the minimum probabilities then apply to calibrated ones.",
     )
 
 

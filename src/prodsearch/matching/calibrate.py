@@ -24,6 +24,7 @@ import numpy as np
 from prodsearch.errors import ConfigError
 from prodsearch.labels import PairLabel
 from prodsearch.matching.table import PairTable
+from prodsearch.settings import CalibrationSettings
 
 #: probabilities are clipped to this margin from 0 and 1 before the logit
 EPSILON = 1e-4
@@ -47,11 +48,20 @@ class Calibration:
 
     def apply(self, probability: np.ndarray) -> np.ndarray:
         """Calibrated probabilities."""
-        return 1.0 / (1.0 + np.exp(-(self.slope * _logit(probability) + self.intercept)))
+        return calibrated(probability, self.settings())
 
-    def as_dict(self) -> dict[str, float | int | str]:
-        """Return a JSON/TOML-serialisable form."""
-        return asdict(self)
+    def settings(self) -> CalibrationSettings:
+        """The calibration as `dedup.pair_model.calibration` holds it (the operating point goes
+        to `min_probability`)."""
+        values = asdict(self)
+        values.pop("min_probability")
+        return CalibrationSettings(**values)
+
+
+def calibrated(probability: np.ndarray, calibration: CalibrationSettings) -> np.ndarray:
+    """Probabilities recalibrated by a catalog's Platt scaling."""
+    z = calibration.slope * _logit(probability) + calibration.intercept
+    return 1.0 / (1.0 + np.exp(-z))
 
 
 def _logit(p: np.ndarray) -> np.ndarray:

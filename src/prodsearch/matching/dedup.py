@@ -24,6 +24,7 @@ from prodsearch.index import Index, Product
 from prodsearch.matching import decide
 from prodsearch.matching.audit import write_matches_csv, write_pairs_csv
 from prodsearch.matching.blend import blended_products
+from prodsearch.matching.calibrate import calibrated
 from prodsearch.matching.candidates import RelativeFilters, collect_candidates
 from prodsearch.matching.clusters import table_clusters
 from prodsearch.matching.features import table_features
@@ -167,6 +168,8 @@ def _decide_by_pair_model(
         blend_min_fused_score=pair.neighbour_min_fused_score if minimum is None else minimum,
     )
     probability = model.probabilities(table, features)
+    if pair.calibration is not None:
+        probability = calibrated(probability, pair.calibration)
     decide.record(table, probability >= pair.min_probability, "pair model", probability)
     if knobs.min2:
         decide.record_min2(table, probability, pair.min2_min_probability)
