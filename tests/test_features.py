@@ -16,6 +16,7 @@ from prodsearch.matching.features import (
     symmetric,
     title_numbers,
 )
+from prodsearch.matching.relative import CODE_FEATURES, code_features, title_codes
 from prodsearch.matching.table import PairTable
 
 
@@ -39,16 +40,11 @@ HAND_MADE_TEXT = np.array([[1, 0], [0.8, 0.6], [0, 1], [0.6, 0.8]], dtype=np.flo
 HAND_MADE_TITLES = ["Oat drink 500ml", "oat drink 500 ml x2", "phone case", "case XB-450"]
 
 
-def hand_made_features(neighbour: float, modalities: list[str]) -> dict[str, np.ndarray]:
+def hand_made_features() -> dict[str, np.ndarray]:
     features = pair_features(
-        hand_made_table(),
-        modalities,
-        neighbour_min_fused_score=neighbour,
-        blend_min_fused_score=1.0,
-        dense={"text": HAND_MADE_TEXT},
-        titles=HAND_MADE_TITLES,
+        hand_made_table(), dense={"text": HAND_MADE_TEXT}, titles=HAND_MADE_TITLES
     )
-    return {name: features[:, i] for i, name in enumerate(feature_names(modalities))}
+    return {name: features[:, i] for i, name in enumerate(feature_names())}
 
 
 def test_the_table_ranks_each_products_candidates() -> None:
@@ -59,31 +55,54 @@ def test_the_table_ranks_each_products_candidates() -> None:
     assert table.modalities() == ["text", "chars", "phash"]
 
 
-def test_pair_features_follow_their_definition() -> None:
-    column = hand_made_features(0.8, ["text", "chars", "phash"])
-    np.testing.assert_allclose(column["score_chars"], [0.6, -1, 0.5, 0.2, 0.15])  # missing: -1
-    np.testing.assert_allclose(column["rank"], [1, 2, 1, 1, 1])
-    np.testing.assert_allclose(column["best"], [1.5, 1.5, 1.4, 0.9, 0.85])
-    np.testing.assert_allclose(column["gap"], [0, 1.0, 0, 0, 0])
-    # neighbourhoods (candidates >= 0.8, the product included): {a, b}, {a, b}, {c, d}, {c, d}
-    np.testing.assert_allclose(column["jaccard"], [1, 0, 1, 1, 1])
-    np.testing.assert_allclose(column["size"], [1, 1, 1, 1, 1])
-    np.testing.assert_allclose(column["reverse_total"], [1.4, -1, 1.5, 0.85, 0.9])
-    # blending (matches >= 1.0): a + 0.9 b and b + 0.9 a; c and d keep their own vectors
+def test_relative_features_follow_their_definition() -> None:
+    column = hand_made_features()  # text: a->b .9, a->c .4, b->a .9, c->d .7, d->c .7
+    np.testing.assert_allclose(column["text"], [0.9, 0.4, 0.9, 0.7, 0.7], rtol=1e-6)
+    # a->c: c's candidates do not hold a (rank = its one candidate + 1)
+    np.testing.assert_allclose(column["text_rank_min"], [1, 2, 1, 1, 1])
+    np.testing.assert_allclose(column["text_rank_max"], [1, 2, 1, 1, 1])
+    np.testing.assert_allclose(column["text_gap_min"], [0, 0.3, 0, 0, 0], atol=1e-6)
+    np.testing.assert_allclose(column["text_gap_max"], [0, 0.5, 0, 0, 0], atol=1e-6)
+    # above each side's 2nd best (only a has one: 0.4)
+    np.testing.assert_allclose(column["text_over2_min"], [0.5, 0, 0.5, np.nan, np.nan], atol=1e-6)
+    # CSLS: 2s - mean(top-5 of a) - mean(top-5 of b); a's mean is 0.65
+    np.testing.assert_allclose(column["text_csls5"], [0.25, -0.55, 0.25, 0, 0], atol=1e-6)
+    np.testing.assert_allclose(column["text_quantile"], [1, 0.2, 1, 0.6, 0.6], atol=1e-6)
+    np.testing.assert_allclose(column["text_dense_max"], [1, 1, 1, 1, 1])
+    # a missing score is a missing feature; a modality the catalog lacks is missing everywhere
+    assert np.isnan(column["chars_rank_min"][1]) and not np.isnan(column["chars_rank_min"][0])
+    assert np.isnan(column["image"]).all() and np.isnan(column["image_quantile"]).all()
+    np.testing.assert_allclose(column["fused_rank_max"], [1, 2, 1, 1, 1])
+    # neighbourhoods (each product and its candidates): {a,b,c} {a,b} {c,d} {c,d}
+    np.testing.assert_allclose(column["neighbours_jaccard"], [2 / 3, 0.25, 2 / 3, 1, 1], rtol=1e-6)
+    # blending over mutual best candidates: a + 0.9 b and b + 0.9 a, c + 0.7 d and d + 0.7 c
     a, b, c, d = HAND_MADE_TEXT.astype(np.float64)
-    blended_a, blended_b = a + 0.9 * b, b + 0.9 * a
-    unit = [v / np.linalg.norm(v) for v in (blended_a, blended_b, c, d)]
+    unit = [v / np.linalg.norm(v) for v in (a + 0.9 * b, b + 0.9 * a, c + 0.7 * d, d + 0.7 * c)]
     expected = [unit[0] @ unit[1], unit[0] @ unit[2], unit[1] @ unit[0], unit[2] @ unit[3]]
-    np.testing.assert_allclose(column["blended_text"], [*expected, unit[3] @ unit[2]], rtol=1e-6)
+    np.testing.assert_allclose(column["blended_text"], [*expected, unit[3] @ unit[2]], rtol=1e-5)
+    assert np.isnan(column["blended_image"]).all()
     # title numbers: {500} vs {500, 2}; a number-less title; {450}
     np.testing.assert_allclose(column["numbers_jaccard"], [0.5, -1, 0.5, -1, -1])
     np.testing.assert_allclose(column["numbers_one_sided"], [0, 1, 0, 1, 1])
     assert title_numbers("Oat drink 1.5L x 6") == {"1.5", "6"}
-    # with a stricter neighbourhood c and d are strangers: a lower overlap, smaller sizes
-    strict = hand_made_features(0.95, ["text"])
-    np.testing.assert_allclose(strict["jaccard"], [1, 0, 1, 0, 0])
-    np.testing.assert_allclose(strict["candidate_size"], [1, 0, 1, 0, 0])
-    assert "score_chars" not in strict and "blended_text" in strict
+    # model codes: only "case XB-450" has one ("500ml" is a size)
+    np.testing.assert_allclose(column["code_one_sided"], [0, 0, 0, 1, 1])
+    np.testing.assert_allclose(column["code_both"], 0)
+
+
+def test_model_codes_are_read_off_titles() -> None:
+    assert title_codes("Sony Bravia KDL-46V5100 46in LCD TV 2009") == {"kdl46v5100"}
+    assert title_codes("Samsung 32GB microSD 1920x1080 500ml") == frozenset()
+    assert title_codes("HP 637414-B21 Xeon E5607") == {"637414b21", "e5607"}
+    pairs = code_features(
+        ["TL-SF1008D switch", "tl sf1008d", "TL-SF1016D", "switch", "KDL46V51"],
+        np.array([0, 0, 2, 4]),
+        np.array([2, 3, 0, 2]),
+    )
+    names = list(CODE_FEATURES)
+    np.testing.assert_allclose(pairs[0], [1, 0, 1, 0, 0, 0])  # both coded, none shared
+    assert pairs[1][names.index("code_one_sided")] == 1
+    np.testing.assert_allclose(pairs[2], pairs[0])
 
 
 def test_symmetric_and_stage_features_follow_their_definition() -> None:

@@ -117,9 +117,6 @@ class PairModelSettings(BaseModel):
     model: Path | None = Field(
         None, description="Pair model file; None = the shipped one (fitted on Shopee val)."
     )
-    neighbour_min_fused_score: float = Field(
-        0.8, description="Fused score a candidate needs to count in a product's neighbourhood."
-    )
     min_probability: float = Field(0.32, description="Probability a match must reach.")
     min2_min_probability: float = Field(
         0.32, description="Probability a lone product's best candidate must reach (min-2)."

@@ -24,7 +24,7 @@ from prodsearch.matching import decide
 from prodsearch.matching.clusters import cluster_members
 from prodsearch.matching.dedup import DedupResult, run_dedup
 from prodsearch.matching.features import table_features
-from prodsearch.matching.pair_model import PairModel
+from prodsearch.matching.pair_model import PairModel, TrainingSet
 from prodsearch.settings import DedupSettings, SearchSettings
 
 
@@ -149,19 +149,10 @@ def _fit_pair_model(
     without and with min-2."""
     labelled = val.label(search)
     table = labelled.table
-    modalities = table.modalities()
-    minimum = search.formula.min_fused_score
-    neighbour = knobs.pair_model.neighbour_min_fused_score
-    features = table_features(
-        table,
-        val.products,
-        modalities,
-        neighbour_min_fused_score=neighbour,
-        blend_min_fused_score=neighbour if minimum is None else minimum,
-    )
     groups = np.array([val.groups[pid] for pid in table.ids])[table.a]
-    own = labelled.queries[table.a]
-    model, probability = PairModel.fit(table, features, labelled.same, groups, modalities, own)
+    own = labelled.queries[table.a].astype(np.float64)
+    fitting = TrainingSet(table, table_features(table, val.products), labelled.same, groups, own)
+    model, (probability,) = PairModel.fit([fitting])
     min_probability, min2 = tune_probability(labelled, probability)
     matched = probability >= min_probability
     with_min2 = matched | decide.min2_additions(table, matched, probability, min2)

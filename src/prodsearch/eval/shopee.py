@@ -115,9 +115,9 @@ def run_evaluation(
     encoders = encoders or EncoderSet.from_settings(settings.encoders, settings.text_max_tokens)
     base = Index(location, "eval-val", settings, encoders)
     try:
-        test = _prepare_split(base, catalog, splits, "test", label_column, console)
+        test = prepare_split(base, catalog, splits, "test", label_column, console)
         target = test.n_queries if val_catalog_size is None else val_catalog_size
-        val = _prepare_split(base, catalog, splits, "val", label_column, console, target)
+        val = prepare_split(base, catalog, splits, "val", label_column, console, target)
         data = {"val": val, "test": test}
         for split in data.values():
             console.print(f"collecting candidates on {split.name} ({len(split.products):,})")
@@ -151,7 +151,7 @@ def read_splits(split_file: Path) -> dict[str, str]:
     return dict(zip(frame[id_column], frame["split"], strict=True))
 
 
-def _prepare_split(
+def prepare_split(
     base: Index,
     catalog: Catalog,
     splits: dict[str, str],

@@ -19,7 +19,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prodsearch.errors import ConfigError
 from prodsearch.index import Index, Product
 from prodsearch.matching import decide
 from prodsearch.matching.audit import write_matches_csv, write_pairs_csv
@@ -50,8 +49,6 @@ class DedupResult:
     #: what decided the matches: "pair model" or "fusion"
     decided_by: str
     seconds: dict[str, float] = field(default_factory=dict)
-    #: what a user should know about the run (e.g. why the pair model did not apply)
-    notes: list[str] = field(default_factory=list)
 
     def match_sets(self) -> dict[str, list[str]]:
         """Each product's match set, itself first, best match next."""
@@ -84,16 +81,15 @@ def run_dedup(
     filters: RelativeFilters | None = None,
     *,
     search: SearchSettings | None = None,
-    strict: bool = False,
     progress: Progress | None = None,
     checkpoint: Path | None = None,
 ) -> DedupResult:
     """Match every product of the index's collection against it and cluster the result.
 
     `knobs` default to the index's settings, `search` (fusion, thresholds, formula: the
-    candidates' floors and weights) to its search settings. A pair model fitted on other
-    modalities than the collection's raises ConfigError when `strict`, else the fusion decides
-    (with a note). `checkpoint` makes the candidate pass resumable after a kill.
+    candidates' floors and weights) to its search settings. The pair model decides any
+    collection, whatever vectors it has (a missing modality is a missing feature).
+    `checkpoint` makes the candidate pass resumable after a kill.
     """
     knobs = knobs or index.settings.dedup
     filters = filters or RelativeFilters()
@@ -102,8 +98,8 @@ def run_dedup(
     with _timed(seconds, "read vectors"):
         products = list(index.scroll(with_vectors=True))
         index.index_payload_fields(filters.keys(), products)
-    notes: list[str] = []
-    model = _pair_model(knobs, products, index.collection, strict, notes)
+    pair_model = knobs.decider == "pair-model"
+    model = PairModel.load(knobs.pair_model.model) if pair_model else None
     with _timed(seconds, "candidates"):
         table = collect_candidates(
             index,
@@ -115,7 +111,7 @@ def run_dedup(
         )
     if model is not None:
         with _timed(seconds, "pair model"):
-            _decide_by_pair_model(table, products, model, knobs, search)
+            _decide_by_pair_model(table, products, model, knobs)
         fired_at = {m: search.formula.floors.get(m) for m in MODALITIES}
     else:
         table, search = _decide_by_fusion(index, table, products, knobs, search, filters, seconds)
@@ -123,51 +119,16 @@ def run_dedup(
     with _timed(seconds, "clusters"):
         clusters = table_clusters(table, knobs.max_cluster_size)
     decided_by = "pair model" if model is not None else "fusion"
-    return DedupResult(table, clusters, fired_at, decided_by, seconds, notes)
-
-
-def _pair_model(
-    knobs: DedupSettings, products: Sequence[Product], collection: str, strict: bool, notes: list
-) -> PairModel | None:
-    """The pair model that decides, or None when the fusion does (asked for, or the model reads
-    other modalities than the collection has and `strict` is off)."""
-    if knobs.decider != "pair-model":
-        return None
-    model = PairModel.load(knobs.pair_model.model)
-    stored = [m for m in MODALITIES if any(m in p.vectors for p in products)]
-    if set(model.modalities) == set(stored):
-        return model
-    problem = (
-        f"the pair model was fitted on modalities {list(model.modalities)}; the products "
-        f"of collection {collection!r} have vectors for {stored}"
-    )
-    if strict:
-        raise ConfigError(
-            f"{problem}: fit one on a labelled sample of this catalog with `prodsearch eval "
-            "--write-settings`, or use --decider fusion"
-        )
-    notes.append(f"{problem}: matched with the fusion instead")
-    return None
+    return DedupResult(table, clusters, fired_at, decided_by, seconds)
 
 
 def _decide_by_pair_model(
-    table: PairTable,
-    products: Sequence[Product],
-    model: PairModel,
-    knobs: DedupSettings,
-    search: SearchSettings,
+    table: PairTable, products: Sequence[Product], model: PairModel, knobs: DedupSettings
 ) -> None:
-    """The pair model's probabilities, its decision and min-2 on the probabilities."""
+    """The pair model's probabilities (calibrated to the catalog when it has a calibration),
+    its decision and min-2 on the probabilities."""
     pair = knobs.pair_model
-    minimum = search.formula.min_fused_score
-    features = table_features(
-        table,
-        products,
-        model.modalities,
-        neighbour_min_fused_score=pair.neighbour_min_fused_score,
-        blend_min_fused_score=pair.neighbour_min_fused_score if minimum is None else minimum,
-    )
-    probability = model.probabilities(table, features)
+    probability = model.probabilities(table, table_features(table, products))
     if pair.calibration is not None:
         probability = calibrated(probability, pair.calibration)
     decide.record(table, probability >= pair.min_probability, "pair model", probability)

@@ -1,19 +1,21 @@
 """The pair model's features, computed from the candidate-pair table.
 
-- `score_<m>`: the engine's score of each modality the model reads (-1 where missing);
-- the pair's place among the product's candidates: `total` (the formula's fused score), `rank`,
-  `best` (the product's best fused score) and `gap` (best - total);
-- the neighbourhoods (candidates with fused score >= `neighbour_min_fused_score`, the product
-  included): `jaccard` overlap of the two, their sizes `size` and `candidate_size`, and
-  `reverse_total` (the candidate's fused score for the product, -1 when it has none);
+Every feature is judged against the catalog it comes from, so that a model fitted on some
+catalogs decides on another (README, "Transfer"):
+- per signal (each modality the model reads, and the fused score): the score, its ranks both
+  ways, gaps to each side's best, margins over each side's 2nd/5th/10th best, CSLS, its quantile
+  in the catalog, the density of each side's top (`relative.signal_features`);
+- the titles' model codes (`relative.code_features`) and numbers (`numbers_jaccard` of the two
+  titles' number sets, -1 when either has none; `numbers_disjoint`; `numbers_one_sided`);
+- `neighbours_jaccard`: the overlap of the two products' neighbourhoods (each product and its
+  `NEIGHBOURS` best candidates by fused score);
 - `blended_<m>` for each blended modality: the cosine of the two products' blended vectors
-  (`blend.blend` over the pairs with fused score >= the formula's minimum), i.e. neighbourhood
+  (`blend.blend` over each product's mutual `NEIGHBOURS` best candidates), i.e. neighbourhood
   blending as a feature;
-- title numbers (sizes, model codes: `500ml`, `XB-450`): `numbers_jaccard` of the two titles'
-  number sets (-1 when either has none), `numbers_disjoint` (both have numbers, none shared),
-  `numbers_one_sided` (only one title has numbers);
 - from the second stage of the stacked model on, graph features of the previous stage's
   probabilities (`STAGE_FEATURES`, `stage_features`).
+A signal or modality a catalog lacks is missing (NaN) in every feature it feeds: one model
+decides a catalog of titles alone, of titles and hashes, or with photos.
 """
 
 from __future__ import annotations
@@ -26,20 +28,21 @@ import pandas as pd
 import scipy.sparse as sp
 
 from prodsearch.index import Product
-from prodsearch.matching.blend import blend, blended_modalities, dense_matrix
+from prodsearch.matching.blend import blend, dense_matrix
+from prodsearch.matching.relative import (
+    CODE_FEATURES,
+    SIGNALS,
+    code_features,
+    signal_features,
+    signal_names,
+)
 from prodsearch.matching.table import PairTable
 
-GRAPH_FEATURES = (
-    "total",
-    "rank",
-    "best",
-    "gap",
-    "jaccard",
-    "size",
-    "candidate_size",
-    "reverse_total",
-)
+#: the modalities the pair model blends (its image vectors are the fine-tuned head's)
+MODEL_BLENDED = ("text", "image")
 NUMBER_FEATURES = ("numbers_jaccard", "numbers_disjoint", "numbers_one_sided")
+#: a product's neighbourhood: itself and its best candidates by fused score
+NEIGHBOURS = 5
 #: graph features of a later stage, from the previous stage's symmetric probabilities
 STAGE_FEATURES = (
     "previous",
@@ -58,14 +61,15 @@ ROW_DOT_CHUNK = 65_536
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)?")
 
 
-def feature_names(modalities: Sequence[str], stage: int = 1) -> list[str]:
-    """The features a stage of a pair model over these modalities reads, in column order (the
-    pair features, then from stage 2 on the previous stage's graph features)."""
+def feature_names(stage: int = 1) -> list[str]:
+    """The features a stage of the pair model reads, in column order (the pair features, then
+    from stage 2 on the previous stage's graph features)."""
     return [
-        *(f"score_{m}" for m in modalities),
-        *GRAPH_FEATURES,
-        *(f"blended_{m}" for m in blended_modalities(modalities)),
+        *(name for signal in SIGNALS for name in signal_names(signal)),
+        *CODE_FEATURES,
         *NUMBER_FEATURES,
+        "neighbours_jaccard",
+        *(f"blended_{m}" for m in MODEL_BLENDED),
         *(STAGE_FEATURES if stage > 1 else ()),
     ]
 
@@ -75,72 +79,59 @@ def title_numbers(title: str) -> frozenset[str]:
     return frozenset(_NUMBER.findall(title.lower()))
 
 
-def table_features(
-    table: PairTable,
-    products: Sequence[Product],
-    modalities: Sequence[str],
-    *,
-    neighbour_min_fused_score: float,
-    blend_min_fused_score: float,
-) -> np.ndarray:
+def table_features(table: PairTable, products: Sequence[Product]) -> np.ndarray:
     """`pair_features` of the table, with the dense vectors and titles read off `products`
     (every product the table names, in any order)."""
     by_id = {p.product_id: p for p in products}
     ordered = [by_id[pid] for pid in table.ids]
+    present = {m for p in ordered for m in p.vectors}
     return pair_features(
         table,
-        modalities,
-        neighbour_min_fused_score=neighbour_min_fused_score,
-        blend_min_fused_score=blend_min_fused_score,
-        dense={m: dense_matrix(ordered, m) for m in blended_modalities(modalities)},
+        dense={m: dense_matrix(ordered, m) for m in MODEL_BLENDED if m in present},
         titles=[str(p.payload.get("title") or "") for p in ordered],
     )
 
 
 def pair_features(
-    table: PairTable,
-    modalities: Sequence[str],
-    *,
-    neighbour_min_fused_score: float,
-    blend_min_fused_score: float,
-    dense: Mapping[str, np.ndarray],
-    titles: Sequence[str],
+    table: PairTable, *, dense: Mapping[str, np.ndarray], titles: Sequence[str]
 ) -> np.ndarray:
-    """The feature matrix: one row per pair, columns `feature_names(modalities)`; missing values
-    are -1. `dense[m]` holds each product's vector of modality m (rows in `table.ids` order,
-    zeros where a product has none); `titles` each product's title ("" when it has none)."""
-    a, b, fused = table.a, table.b, table.fused
-    columns: dict[str, np.ndarray] = {
-        "total": fused,
-        "rank": table.column("rank"),
-        "best": fused + table.column("gap"),
-        "gap": table.column("gap"),
-    }
-    close = fused >= neighbour_min_fused_score
-    n = len(table.ids)
+    """The feature matrix: one row per pair, columns `feature_names()`, NaN where a signal is
+    missing. `dense[m]` holds each product's vector of modality m (rows in `table.ids` order,
+    zeros where a product has none; a modality absent from `dense` is missing); `titles` each
+    product's title ("" when it has none)."""
+    a, b = table.a, table.b
+    columns = [signal_features(table, signal) for signal in SIGNALS]
+    columns.append(code_features(titles, a, b))
+    numbers = [title_numbers(t) for t in titles]
+    pairs = zip(a.tolist(), b.tolist(), strict=True)
+    columns.append(
+        np.array([_number_features(numbers[q], numbers[c]) for q, c in pairs]).reshape(
+            -1, len(NUMBER_FEATURES)
+        )
+    )
+    rank = pd.Series(table.fused).groupby(a).rank(ascending=False, method="first").to_numpy()
+    close = rank <= NEIGHBOURS
+    columns.append(_neighbour_jaccard(table, close)[:, None])
+    mutual = close & (table.reverse(rank) <= NEIGHBOURS)
+    for modality in MODEL_BLENDED:
+        if modality in dense:
+            blended = blend(table, modality, dense[modality], mutual)
+            columns.append(row_dots(blended, a, b)[:, None])
+        else:
+            columns.append(np.full((len(table), 1), np.nan))
+    return np.column_stack(columns).astype(np.float32)
+
+
+def _neighbour_jaccard(table: PairTable, close: np.ndarray) -> np.ndarray:
+    """The Jaccard overlap of each pair's two neighbourhoods (each product and its `close`
+    candidates)."""
+    n, a, b = len(table.ids), table.a, table.b
     rows = np.concatenate([a[close], np.arange(n)])
     cols = np.concatenate([b[close], np.arange(n)])
     neighbourhood = sp.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, n))
     members = np.asarray(neighbourhood.sum(axis=1)).ravel()
     shared = row_dots(neighbourhood, a, b)
-    columns["jaccard"] = shared / (members[a] + members[b] - shared)
-    columns["size"], columns["candidate_size"] = members[a] - 1, members[b] - 1
-    columns["reverse_total"] = table.reverse(fused)
-    selected = fused >= blend_min_fused_score
-    for modality in modalities:
-        columns[f"score_{modality}"] = table.scores(modality)
-    for modality in blended_modalities(modalities):
-        blended = blend(table, modality, dense[modality], selected)
-        columns[f"blended_{modality}"] = row_dots(blended, a, b)
-    numbers = [title_numbers(t) for t in titles]
-    pairs = zip(a.tolist(), b.tolist(), strict=True)
-    number_columns = np.array([_number_features(numbers[q], numbers[c]) for q, c in pairs]).reshape(
-        -1, len(NUMBER_FEATURES)
-    )
-    for i, name in enumerate(NUMBER_FEATURES):
-        columns[name] = number_columns[:, i]
-    matrix = np.column_stack([columns[name] for name in feature_names(modalities)])
-    return np.nan_to_num(matrix.astype(np.float64), nan=-1.0)
+    return shared / (members[a] + members[b] - shared)
 
 
 def _number_features(mine: frozenset[str], theirs: frozenset[str]) -> tuple[float, float, float]:

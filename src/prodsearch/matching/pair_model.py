@@ -27,7 +27,7 @@ from prodsearch.matching.features import feature_names, stage_features, symmetri
 from prodsearch.matching.table import PairTable
 
 SHIPPED_PAIR_MODEL = Path(__file__).resolve().parents[1] / "assets" / "pair_model.json"
-MODEL_FORMAT = "prodsearch pair model 2"
+MODEL_FORMAT = "prodsearch pair model 3"
 #: stages of the stacked model and out-of-fold folds of its fit (chosen on Shopee val: README)
 STAGES = 3
 FOLDS = 5
@@ -46,15 +46,32 @@ LGBM_ROUNDS = 300
 
 
 @dataclass
+class TrainingSet:
+    """One labelled catalog's candidate pairs for fitting: its table and features, each pair's
+    label (`same`), fold group (pairs of one group never straddle folds; unique across sets) and
+    weight (0: not fitted on, e.g. unlabelled; the pair is still scored)."""
+
+    table: PairTable
+    features: np.ndarray
+    same: np.ndarray
+    groups: np.ndarray
+    weight: np.ndarray
+
+    @property
+    def fitted(self) -> np.ndarray:
+        """The rows the model is fitted on."""
+        return np.flatnonzero(self.weight > 0)
+
+
+@dataclass
 class PairModel:
-    """A fitted pair model: one LightGBM booster per stage, and the modalities they read."""
+    """A fitted pair model: one LightGBM booster per stage."""
 
     boosters: list[Any]
-    modalities: tuple[str, ...]
 
     @classmethod
     def load(cls, path: Path | None = None) -> PairModel:
-        """Load a model file (None: the shipped one); its feature names give its modalities.
+        """Load a model file (None: the shipped one).
 
         Raises ConfigError when the file is missing, is not a pair model, or reads features
         this version does not compute."""
@@ -68,7 +85,6 @@ class PairModel:
             if document.get("format") != MODEL_FORMAT:
                 raise ValueError(f"format {document.get('format')!r}, expected {MODEL_FORMAT!r}")
             boosters = [lightgbm.Booster(model_str=text) for text in document["stages"]]
-            modalities = tuple(document["modalities"])
         except (
             ValueError,
             KeyError,
@@ -78,58 +94,51 @@ class PairModel:
         ) as exc:
             raise ConfigError(f"{path} is not a prodsearch pair model: {exc}") from exc
         for stage, booster in enumerate(boosters, start=1):
-            if booster.feature_name() != feature_names(modalities, stage):
+            if booster.feature_name() != feature_names(stage):
                 raise ConfigError(
                     f"{path}: stage {stage} reads features {booster.feature_name()}, not those "
-                    f"of this version ({feature_names(modalities, stage)}); fit a new one with "
+                    f"of this version ({feature_names(stage)}); fit a new one with "
                     "`prodsearch eval`"
                 )
-        return cls(boosters, modalities)
+        return cls(boosters)
 
     @classmethod
     def fit(
-        cls,
-        table: PairTable,
-        features: np.ndarray,
-        same: np.ndarray,
-        groups: np.ndarray,
-        modalities: Sequence[str],
-        train: np.ndarray,
-        stages: int = STAGES,
-    ) -> tuple[PairModel, np.ndarray]:
-        """Fit the stacked model on the labelled pairs flagged in `train` (`same`: the two
-        products are one product; `groups`: each pair's query product's group, so that folds
-        never split a group).
+        cls, sets: Sequence[TrainingSet], stages: int = STAGES
+    ) -> tuple[PairModel, list[np.ndarray]]:
+        """Fit the stacked model on the weighted pairs of every training set.
 
-        Returns the model and the final symmetric probabilities of every pair: out of fold for
-        the training pairs (each stage's folds fitted on the previous stage's out-of-fold
-        probabilities), from the fitted model for the others. Raises ConfigError with fewer
-        than two groups.
+        Returns the model and, per set, the final symmetric probabilities of every pair: out of
+        fold for the fitted pairs (each stage's folds fitted on the previous stage's
+        out-of-fold probabilities), from the fitted model for the others. Raises ConfigError
+        with fewer than two groups.
         """
         from sklearn.model_selection import GroupKFold
 
-        rows = np.flatnonzero(train)
-        n_groups = len(set(groups[rows].tolist()))
+        groups = np.concatenate([s.groups[s.fitted] for s in sets])
+        n_groups = len(np.unique(groups))
         if n_groups < 2:
             raise ConfigError("fitting a pair model needs labelled pairs of two groups or more")
-        folds = list(GroupKFold(n_splits=min(FOLDS, n_groups)).split(rows, groups=groups[rows]))
-        label = same.astype(np.float64)
-        boosters = []
-        inputs = features
+        folds = list(GroupKFold(n_splits=min(FOLDS, n_groups)).split(groups, groups=groups))
+        label = np.concatenate([s.same[s.fitted] for s in sets]).astype(np.float64)
+        weight = np.concatenate([s.weight[s.fitted] for s in sets]).astype(np.float64)
+        boosters: list[Any] = []
+        inputs = [s.features for s in sets]
+        probabilities: list[np.ndarray] = []
         for stage in range(1, stages + 1):
-            names = feature_names(modalities, stage)
-            probability = np.empty(len(inputs))
+            names = feature_names(stage)
+            rows = np.concatenate([x[s.fitted] for x, s in zip(inputs, sets, strict=True)])
+            out_of_fold = np.empty(len(rows))
             for fit_rows, held_out in folds:
-                fold = _train(inputs[rows[fit_rows]], label[rows[fit_rows]], names)
-                probability[rows[held_out]] = fold.predict(inputs[rows[held_out]])
-            boosters.append(_train(inputs[rows], label[rows], names))
-            rest = np.ones(len(inputs), dtype=bool)
-            rest[rows] = False
-            if rest.any():
-                probability[rest] = boosters[-1].predict(inputs[rest])
-            probability = symmetric(table, probability)
-            inputs = np.column_stack([features, stage_features(table, probability)])
-        return cls(boosters, tuple(modalities)), probability
+                fold = _train(rows[fit_rows], label[fit_rows], weight[fit_rows], names)
+                out_of_fold[held_out] = fold.predict(rows[held_out])
+            boosters.append(_train(rows, label, weight, names))
+            probabilities = _stage_probabilities(boosters[-1], inputs, sets, out_of_fold)
+            inputs = [
+                np.column_stack([s.features, stage_features(s.table, p)])
+                for s, p in zip(sets, probabilities, strict=True)
+            ]
+        return cls(boosters), probabilities
 
     def probabilities(self, table: PairTable, features: np.ndarray) -> np.ndarray:
         """The probability that each candidate pair is one product (`features`: the
@@ -146,14 +155,28 @@ class PairModel:
         """Write the model: every stage in LightGBM's text format, in one JSON file."""
         document = {
             "format": MODEL_FORMAT,
-            "modalities": list(self.modalities),
             "stages": [booster.model_to_string() for booster in self.boosters],
         }
         path.write_text(json.dumps(document), encoding="utf-8")
 
 
-def _train(inputs: np.ndarray, label: np.ndarray, names: list[str]) -> Any:
+def _stage_probabilities(
+    booster: Any, inputs: list[np.ndarray], sets: Sequence[TrainingSet], out_of_fold: np.ndarray
+) -> list[np.ndarray]:
+    """Each set's symmetric probabilities of one stage: out of fold for its fitted pairs, from
+    the stage's booster for the rest."""
+    out, start = [], 0
+    for x, s in zip(inputs, sets, strict=True):
+        probability = np.asarray(booster.predict(x), dtype=np.float64)
+        fitted = s.fitted
+        probability[fitted] = out_of_fold[start : start + len(fitted)]
+        start += len(fitted)
+        out.append(symmetric(s.table, probability))
+    return out
+
+
+def _train(inputs: np.ndarray, label: np.ndarray, weight: np.ndarray, names: list[str]) -> Any:
     import lightgbm
 
-    data = lightgbm.Dataset(inputs, label=label, feature_name=names)
+    data = lightgbm.Dataset(inputs, label=label, weight=weight, feature_name=names)
     return lightgbm.train(LGBM_PARAMS, data, num_boost_round=LGBM_ROUNDS)

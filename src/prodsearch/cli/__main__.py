@@ -1,0 +1,5 @@
+"""`python -m prodsearch.cli`."""
+
+from prodsearch.cli import app
+
+app()

@@ -1,0 +1,302 @@
+"""Matching commands: match one product, dedup a whole collection, explain one pair."""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.table import Table
+
+from prodsearch.cli.common import (
+    CollectionOption,
+    JsonOption,
+    StoreOption,
+    _print_json,
+    _reports_errors,
+    _settings,
+    _stdout,
+    app,
+    stderr,
+)
+from prodsearch.errors import ConfigError
+
+if TYPE_CHECKING:
+    pass
+
+
+class Decider(StrEnum):
+    """What decides a match in `dedup`."""
+
+    pair_model = "pair-model"
+    fusion = "fusion"
+
+
+@app.command()
+@_reports_errors
+def match(
+    title: Annotated[str | None, typer.Option(help="Product title.")] = None,
+    image: Annotated[Path | None, typer.Option(help="Product image file.")] = None,
+    phash: Annotated[str | None, typer.Option(help="A known 16-hex-digit perceptual hash.")] = None,
+    k: Annotated[int | None, typer.Option(min=1, help="Matches to return.")] = None,
+    fusion: Annotated[str | None, typer.Option(help="rrf, dbsf or formula.")] = None,
+    threshold: Annotated[
+        list[str] | None,
+        typer.Option(help="Per-modality threshold override, e.g. text=0.8 (repeatable)."),
+    ] = None,
+    filter_: Annotated[
+        list[str] | None,
+        typer.Option("--filter", help="Payload filter key=value or key!=value (repeatable)."),
+    ] = None,
+    store: StoreOption = None,
+    collection: CollectionOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Find the catalog products matching a title and/or an image."""
+    from prodsearch.filters import parse_cli_filters
+    from prodsearch.index import Index
+
+    if fusion not in (None, "rrf", "dbsf", "formula"):
+        raise ConfigError(f"--fusion {fusion!r}: choose rrf, dbsf or formula")
+    thresholds = {}
+    for item in threshold or []:
+        name, _, value = item.partition("=")
+        try:
+            thresholds[name] = float(value)
+        except ValueError as exc:
+            raise ConfigError(f"--threshold {item!r}: expected modality=number") from exc
+    settings = _settings(store, collection)
+    with Index(settings=settings) as index:
+        matches = index.match(
+            title,
+            image,
+            phash=phash,
+            k=k,
+            thresholds=thresholds or None,
+            fusion=fusion,  # type: ignore[arg-type]
+            filter=parse_cli_filters(filter_ or []),
+        )
+    if as_json:
+        _print_json(
+            {
+                "query": {"title": title, "image": str(image) if image else None},
+                "matches": [m.as_dict() for m in matches],
+            }
+        )
+        return
+    table = Table(title=f"{len(matches)} match(es)")
+    for column in ("product_id", "score", "matched by", "modality scores", "title"):
+        table.add_column(column)
+    for m in matches:
+        table.add_row(
+            m.product_id,
+            f"{m.score:.3f}",
+            ",".join(m.matched_by),
+            " ".join(f"{k}={v:.3f}" for k, v in m.scores.items()),
+            str(m.payload.get("title", ""))[:60],
+        )
+    _stdout().print(table)
+
+
+@app.command()
+@_reports_errors
+def dedup(
+    catalog: Annotated[
+        Path | None,
+        typer.Argument(help="Catalog CSV to ingest first (omit to use the collection as is)."),
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Where to write id,matches,cluster,min2.")] = Path(
+        "matches.csv"
+    ),
+    store: StoreOption = None,
+    collection: CollectionOption = None,
+    recipe: Annotated[
+        str | None,
+        typer.Option(
+            help="Column mapping when a CATALOG is given (default: guessed, as ingest does)."
+        ),
+    ] = None,
+    same: Annotated[
+        list[str] | None, typer.Option(help="Matches must share this payload field (repeatable).")
+    ] = None,
+    different: Annotated[
+        list[str] | None,
+        typer.Option(help="Matches must differ in this payload field, e.g. seller (repeatable)."),
+    ] = None,
+    within: Annotated[
+        list[str] | None,
+        typer.Option(help="A numeric field within a fraction of the product's, e.g. price=0.2."),
+    ] = None,
+    filter_: Annotated[
+        list[str] | None, typer.Option("--filter", help="Payload filter key=value (repeatable).")
+    ] = None,
+    min2: Annotated[
+        bool | None, typer.Option("--min2/--no-min2", help="Give lone products a close neighbour.")
+    ] = None,
+    blend_rounds: Annotated[
+        int | None, typer.Option(min=0, max=3, help="Neighbourhood-blending rounds.")
+    ] = None,
+    max_cluster_size: Annotated[
+        int | None, typer.Option(min=1, help="Cap on a duplicate cluster's size.")
+    ] = None,
+    decider: Annotated[
+        Decider | None,
+        typer.Option(
+            help="What decides a match: the learned pair model, or the fusion's own rule "
+            "(default from settings: pair-model; fusion when --blend-rounds is given).",
+        ),
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Match every product of a collection against it: match sets, duplicate clusters, where the
+    time went, and beside OUT the audit trail OUT.pairs.csv (every match's scores, the signals
+    that fired, the pair model's probability). Resumable: a re-run after a kill reuses
+    OUT.checkpoint.jsonl."""
+    import time
+
+    from prodsearch.cli.catalog import read_mapped_catalog
+    from prodsearch.filters import parse_cli_filters
+    from prodsearch.index import Index
+    from prodsearch.ingest import ingest_catalog
+    from prodsearch.matching.candidates import RelativeFilters
+    from prodsearch.matching.dedup import run_dedup
+
+    settings = _settings(store, collection)
+    knobs = _dedup_knobs(settings.dedup, decider, blend_rounds, min2, max_cluster_size)
+    filters = RelativeFilters(
+        same=tuple(same or ()),
+        different=tuple(different or ()),
+        within=tuple(_fraction(item) for item in within or ()),
+        filter=parse_cli_filters(filter_ or []),
+    )
+    checkpoint = out.with_name(out.name + ".checkpoint.jsonl")
+    started = time.perf_counter()
+    with Index(settings=settings) as index:
+        if catalog is not None:
+            ingest_catalog(
+                index,
+                read_mapped_catalog(catalog, recipe, settings),
+                console=stderr,
+                report_path=catalog.with_name(catalog.stem + ".rejects.csv"),
+            )
+        ingested = time.perf_counter() - started
+
+        def progress(step: str, done: int, total: int) -> None:
+            if done == total or done % 2048 < 256:
+                stderr.print(f"{step}: {done:,}/{total:,}", highlight=False)
+
+        result = run_dedup(
+            index,
+            knobs,
+            filters,
+            progress=progress,
+            checkpoint=checkpoint,
+        )
+    audit = result.write(out)
+    checkpoint.unlink(missing_ok=True)
+    seconds = {"ingest": round(ingested, 1)} if catalog is not None else {}
+    seconds.update({k: round(v, 1) for k, v in result.seconds.items()})
+    sets = result.match_sets()
+    summary = {
+        "products": len(sets),
+        "decided_by": result.decided_by,
+        "clusters": len(set(result.clusters.values())),
+        "products_with_matches": sum(len(members) > 1 for members in sets.values()),
+        "rescued_by_min2": len(result.rescued()),
+        "seconds": seconds,
+        "out": str(out),
+        "pairs": str(audit),
+    }
+    if as_json:
+        _print_json(summary)
+        return
+    table = Table(title=f"dedup -> {out}", show_header=False)
+    for key, value in summary.items():
+        table.add_row(key, json.dumps(value) if isinstance(value, dict) else str(value))
+    stderr.print(table)
+
+
+def _dedup_knobs(
+    knobs: Any,
+    decider: Decider | None,
+    blend_rounds: int | None,
+    min2: bool | None,
+    max_cluster_size: int | None,
+) -> Any:
+    """The settings' dedup knobs with the command line's changes."""
+    if blend_rounds is not None and decider is Decider.pair_model:
+        raise ConfigError("--blend-rounds applies to the fusion decider: use --decider fusion")
+    name = decider.value if decider else ("fusion" if blend_rounds is not None else None)
+    fusion = knobs.fusion
+    if blend_rounds is not None:
+        fusion = fusion.model_copy(update={"blend_rounds": blend_rounds})
+    changes = {
+        "decider": name,
+        "min2": min2,
+        "max_cluster_size": max_cluster_size,
+        "fusion": fusion,
+    }
+    return knobs.model_copy(update={k: v for k, v in changes.items() if v is not None})
+
+
+def _fraction(item: str) -> tuple[str, float]:
+    key, _, value = item.partition("=")
+    try:
+        return key, float(value)
+    except ValueError as exc:
+        raise ConfigError(f"--within {item!r}: expected field=fraction, e.g. price=0.2") from exc
+
+
+@app.command()
+@_reports_errors
+def explain(
+    product_a: Annotated[str, typer.Argument(help="The query product's id.")],
+    product_b: Annotated[str, typer.Argument(help="The candidate product's id.")],
+    store: StoreOption = None,
+    collection: CollectionOption = None,
+    pairs: Annotated[
+        Path | None,
+        typer.Option(help="A dedup audit trail (OUT.pairs.csv): also show that run's verdict."),
+    ] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Explain whether and why product B matches product A: every modality's score against its
+    threshold, which signals fired, B's rank and fused score in A's matches; with --pairs, what a
+    `dedup` run decided for the pair (its fused score, pair-model probability, min-2)."""
+    from prodsearch.index import Index
+    from prodsearch.matching.audit import read_pair_verdict
+    from prodsearch.matching.explain import explain as explain_pair
+
+    with Index(settings=_settings(store, collection)) as index:
+        explanation = explain_pair(index, product_a, product_b)
+    recorded = read_pair_verdict(pairs, product_a, product_b) if pairs else None
+    if as_json:
+        document = explanation.as_dict()
+        if pairs:
+            document["dedup"] = recorded
+        _print_json(document)
+        return
+    verdict = (
+        f"MATCH (rank {explanation.rank}, fused score {explanation.fused_score:.4f}, "
+        f"{explanation.fusion})"
+        if explanation.matched
+        else f"no match ({explanation.fusion})"
+    )
+    table = Table(title=f"{product_a} vs {product_b}: {verdict}")
+    for column in ("modality", "score", "threshold", "fired"):
+        table.add_column(column)
+    for modality, score in explanation.scores.items():
+        table.add_row(
+            modality,
+            f"{score:.4f}",
+            f"{explanation.thresholds[modality]:.4f}",
+            "yes" if modality in explanation.fired else "no",
+        )
+    console = _stdout()
+    console.print(table)
+    if pairs and recorded is None:
+        console.print(f"dedup ({pairs}): not matched", highlight=False)
+    elif recorded is not None:
+        console.print(f"dedup ({pairs}): MATCH {json.dumps(recorded)}", highlight=False)
