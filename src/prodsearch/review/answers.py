@@ -101,9 +101,7 @@ class AnswerStore:
         """Close the file."""
         self._db.close()
 
-    def record(
-        self, answers: Sequence[tuple[str, str, str]], source: str = "pair"
-    ) -> list[Answer]:
+    def record(self, answers: Sequence[tuple[str, str, str]], source: str = "pair") -> list[Answer]:
         """Store (id_a, id_b, answer) triples as one action, in one transaction; returns them.
         Raises ConfigError for an answer that is not same/different/unsure or a pair of one
         product with itself (nothing is stored then)."""
@@ -182,7 +180,9 @@ class AnswerStore:
     def last_report(self) -> dict[str, Any] | None:
         """The latest calibration report, or None."""
         with self._lock:
-            row = self._db.execute("SELECT report FROM reports ORDER BY seq DESC LIMIT 1").fetchone()
+            row = self._db.execute(
+                "SELECT report FROM reports ORDER BY seq DESC LIMIT 1"
+            ).fetchone()
         return json.loads(row[0]) if row else None
 
     def _transaction(self) -> _Transaction:
