@@ -33,9 +33,7 @@ def write_phash_catalog(path: Path, n_groups: int = 30, seed: int = 0) -> pd.Dat
     rng = random.Random(seed)
     photos: dict[int, int] = {}
     for group in range(n_groups):
-        photos[group] = (
-            _flip(photos[group - 1], 10, rng) if group % 2 else rng.getrandbits(64)
-        )
+        photos[group] = _flip(photos[group - 1], 10, rng) if group % 2 else rng.getrandbits(64)
     rows = []
     for item in listings(n_groups, seed):
         if rng.random() < 0.25:
