@@ -963,8 +963,8 @@ def calibrate(
         raise ConfigError(str(report["error"]))
     update_settings_file(target, calibration_changes(report["calibration"]))
     summary = {
-        "labels": len(answers),
-        "labels_among_candidates": report["answered_candidates"],
+        "labels_read": len(answers),
+        # the calibration's own `labels` counts those among the candidate pairs (it fits on them)
         **report["calibration"],
         "was_min_probability": pair.min_probability,
         "predicted": report["predicted"],
