@@ -3,7 +3,14 @@
 "use strict";
 
 const BATCH = 10;
-const state = { batch: [], position: 0, view: "pairs", busy: false, cluster: null };
+const state = { batch: [], position: 0, view: "pairs", cluster: null, chain: Promise.resolve() };
+
+// Key presses and clicks run one after another, in the order given: a fast typist's answers
+// are neither lost nor applied to the wrong pair.
+function enqueue(action) {
+  state.chain = state.chain.then(action).catch((error) => say(error.message));
+  return state.chain;
+}
 
 function el(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
@@ -160,8 +167,7 @@ async function loadBatch() {
 
 async function answer(kind) {
   const pair = state.batch[state.position];
-  if (!pair || state.busy) return;
-  state.busy = true;
+  if (!pair) return;
   try {
     const result = await post("/api/answers", { id_a: pair.id_a, id_b: pair.id_b, answer: kind });
     lastStatus = result.status;
@@ -173,14 +179,10 @@ async function answer(kind) {
     await refreshAnswers();
   } catch (error) {
     say(error.message);
-  } finally {
-    state.busy = false;
   }
 }
 
 async function undo() {
-  if (state.busy) return;
-  state.busy = true;
   try {
     const result = await post("/api/undo");
     lastStatus = result.status;
@@ -206,8 +208,6 @@ async function undo() {
     await refreshAnswers();
   } catch (error) {
     say(error.message);
-  } finally {
-    state.busy = false;
   }
 }
 
@@ -246,7 +246,7 @@ async function showCluster(number) {
   document.getElementById("cluster").replaceChildren(
     el("h2", {}, `Cluster #${number}: ${cluster.members.length} products`),
     el("button", { id: "confirm", class: "primary",
-      onclick: () => clusterAction(`/api/clusters/${number}/confirm`) },
+      onclick: () => enqueue(() => clusterAction(`/api/clusters/${number}/confirm`)) },
       "Confirm: all the same product"),
     el("div", { class: "members" }, cards));
 }
@@ -351,17 +351,17 @@ document.addEventListener("keydown", (event) => {
   if (event.ctrlKey || event.metaKey || event.altKey) return;
   if (event.target instanceof HTMLInputElement) return;
   const key = event.key.toLowerCase();
-  if (key === "z") { event.preventDefault(); undo(); return; }
+  if (key === "z") { event.preventDefault(); enqueue(undo); return; }
   if (state.view !== "pairs") return;
   const kind = { y: "same", n: "different", u: "unsure" }[key];
-  if (kind) { event.preventDefault(); answer(kind); }
+  if (kind) { event.preventDefault(); enqueue(() => answer(kind)); }
 });
 
 async function start() {
   document.querySelectorAll(".tab").forEach((t) => t.addEventListener("click", () => switchView(t.dataset.view)));
   document.querySelectorAll(".answers button[data-answer]").forEach((b) =>
-    b.addEventListener("click", () => answer(b.dataset.answer)));
-  document.getElementById("undo").addEventListener("click", undo);
+    b.addEventListener("click", () => enqueue(() => answer(b.dataset.answer))));
+  document.getElementById("undo").addEventListener("click", () => enqueue(undo));
   document.getElementById("calibrate").addEventListener("click", calibrate);
   document.getElementById("import").addEventListener("change", importLabels);
   try {
