@@ -71,8 +71,10 @@ function showStatus(status) {
   const total = status.answered + left;
   document.getElementById("bar-fill").style.width =
     total ? `${(100 * status.answered) / total}%` : "100%";
-  let hint = "Uncertain pairs are those whose probability lies near the threshold " +
-    "(odds within a factor e): each answer there can move the decision.";
+  let hint = status.decided_by === "pair model"
+    ? "Uncertain pairs: probability near the threshold (odds within a factor e of it); " +
+      "each answer there can move the decision."
+    : "Uncertain pairs: the best signal's score within 0.1 of its threshold.";
   if (status.settled) {
     hint = status.settled.settled
       ? `The calibration has settled: leaving out your last ${status.settled.left_out} answers ` +
@@ -99,15 +101,15 @@ async function refreshAnswers() {
 }
 
 // -- a pair ----------------------------------------------------------------------------------
-function productCard(product) {
-  const photo = product.image
+function productCard(product, photos = true) {
+  const photo = !photos ? null : product.image
     ? el("div", { class: "photo" }, el("img", { src: product.image, alt: product.title }))
     : el("div", { class: "photo" }, "no photo");
   const title = product.tokens.length
     ? product.tokens.map((t) => (t.differs ? el("mark", { class: "differs" }, t.text) : t.text))
     : product.title || "(no title)";
   const rows = Object.entries(product.fields).map(([key, value]) =>
-    el("tr", {}, el("th", {}, key), el("td", {}, String(value))));
+    el("tr", {}, el("th", {}, key), el("td", { title: String(value) }, el("div", {}, String(value)))));
   return el("article", { class: "product" }, photo, el("h2", {}, title),
     el("div", { class: "pid" }, product.id), rows.length ? el("table", {}, rows) : null);
 }
@@ -150,7 +152,9 @@ function showPair() {
     return;
   }
   buttons.forEach((b) => { b.disabled = false; });
-  box.replaceChildren(...pair.products.map(productCard));
+  // a text-only pair shows no empty photo frames
+  const photos = pair.products.some((p) => p.image);
+  box.replaceChildren(...pair.products.map((p) => productCard(p, photos)));
   box.dataset.idA = pair.id_a;
   box.dataset.idB = pair.id_b;
   document.getElementById("evidence").replaceChildren(...evidence(pair, lastStatus));
@@ -234,8 +238,9 @@ async function showCluster(number) {
     b.classList.toggle("active", Number(b.dataset.cluster) === number);
   });
   const cluster = await api(`/api/clusters/${number}`);
+  const photos = cluster.members.some((m) => m.image);
   const cards = cluster.members.map((member, i) => {
-    const card = productCard(member);
+    const card = productCard(member, photos);
     const badge = i === 0 ? el("span", { class: "badge same" }, "representative")
       : member.answer ? el("span", { class: `badge ${member.answer}` }, member.answer) : null;
     card.append(el("div", {}, badge, " ", el("button", {
