@@ -14,6 +14,7 @@ from prodsearch.matching.calibrate import calibrated
 from prodsearch.matching.dedup import run_dedup
 from prodsearch.settings import SETTINGS_FILE_ENV, Settings
 
+from .conftest import REPO
 from .reviewed import ingest_phash_catalog
 from .test_cli import run
 
@@ -99,3 +100,16 @@ def test_bad_labels_are_refused_naming_the_row(tmp_path, encoders) -> None:
     assert "row 3: unknown product id(s) ['g9-9']" in message
     assert "row 4: product 'g1-0' is paired with itself" in message
     assert settings_file.read_text() == "[thresholds]\ntext = 0.55\n"
+
+
+def test_the_readme_review_commands_take_the_options_it_shows() -> None:
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("<!-- review:start -->") : text.index("<!-- review:end -->")]
+    block = section[section.index("```bash") : section.index("```", section.index("```bash") + 3)]
+    commands = [line.split("#")[0].split() for line in block.splitlines()[1:] if line.strip()]
+    assert [c[1] for c in commands] == ["ingest", "review", "calibrate"]
+    for words in commands:
+        shown = run(words[1], "--help", env={"COLUMNS": "200"})
+        assert shown.returncode == 0, shown.stderr
+        for flag in (w for w in words if w.startswith("--")):
+            assert flag in shown.stdout, f"`prodsearch {words[1]}` has no {flag}"

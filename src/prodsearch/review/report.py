@@ -36,8 +36,9 @@ from prodsearch.settings import MODALITIES, CalibrationSettings
 
 #: answers left out to see whether the operating point still moves
 HOLD_BACK = 5
-#: the operating point counts as settled when leaving the last answers out moves it less
-SETTLED_SHIFT = 0.02
+#: the operating point counts as settled when leaving the last answers out moves it by at most
+#: one step of the threshold grid (0.01)
+SETTLED_SHIFT = 0.015
 #: thresholds of a modality score's curve
 SCORE_GRID = np.round(np.arange(0.0, 1.001, 0.01), 3)
 
