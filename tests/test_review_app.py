@@ -4,9 +4,14 @@ chart, and photos served from the payload."""
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
@@ -197,3 +202,46 @@ def test_a_catalog_with_photos_shows_them_and_reports_without_probabilities(
             for name in ("review.js", "review.css"):
                 assert "://" not in client.get(f"/static/{name}").text, "nothing loads from outside"
             assert "://" not in page.text
+
+
+def test_prodsearch_review_keeps_answers_through_a_killed_server(tmp_path, encoders) -> None:
+    store = str(tmp_path / "store")
+    with Index(store, "products", Settings(store=store), encoders) as index:
+        ingest_phash_catalog(index, tmp_path, n_groups=6)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "prodsearch.cli", "review", "--store", store]
+    command += ["--port", str(port), "--write-settings", str(tmp_path / "prodsearch.toml")]
+    url = f"http://127.0.0.1:{port}"
+
+    def start() -> subprocess.Popen:
+        server = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and server.poll() is None:
+            try:
+                if httpx.get(f"{url}/api/status", timeout=2).status_code == 200:
+                    return server
+            except httpx.TransportError:
+                time.sleep(0.3)
+        server.kill()
+        raise AssertionError(f"prodsearch review did not start: {server.communicate()[1]}")
+
+    server = start()
+    try:
+        pair = httpx.get(f"{url}/api/queue", params={"size": 1}).json()[0]
+        body = {"id_a": pair["id_a"], "id_b": pair["id_b"], "answer": "same"}
+        assert httpx.post(f"{url}/api/answers", json=body).status_code == 200
+    finally:
+        server.kill()  # SIGKILL: no shutdown, no close
+        server.wait()
+    assert (Path(store) / "products.review.sqlite").is_file()
+    server = start()
+    try:
+        kept = httpx.get(f"{url}/api/answers").json()
+        assert [(a["id_a"], a["id_b"], a["answer"]) for a in kept] == [
+            (pair["id_a"], pair["id_b"], "same")
+        ]
+    finally:
+        server.terminate()
+        server.wait(timeout=60)

@@ -17,7 +17,7 @@ uncertain band come before every pair outside it; nothing is drawn at random.
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -43,6 +43,7 @@ class ReviewPairs:
 
     ids: list[str]
     frame: pd.DataFrame
+    _keys: list[frozenset[str]] = field(default_factory=list, repr=False)
 
     def position(self) -> dict[str, int]:
         """Product id -> position in `ids`."""
@@ -60,11 +61,13 @@ class ReviewPairs:
 
     def keys(self) -> list[frozenset[str]]:
         """Each row's unordered pair of product ids."""
-        ids = self.ids
-        return [
-            frozenset((ids[a], ids[b]))
-            for a, b in zip(self.frame["a"].tolist(), self.frame["b"].tolist(), strict=True)
-        ]
+        if len(self._keys) != len(self.frame):
+            ids, frame = self.ids, self.frame
+            self._keys = [
+                frozenset((ids[a], ids[b]))
+                for a, b in zip(frame["a"].tolist(), frame["b"].tolist(), strict=True)
+            ]
+        return self._keys
 
 
 def review_pairs(
