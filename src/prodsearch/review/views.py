@@ -37,7 +37,7 @@ def title_tokens(title: str, other: str) -> list[dict[str, Any]]:
     for part in _SPLIT.split(title):
         if not part:
             continue
-        word = normalised_token(part)
+        word = "" if part.isspace() else normalised_token(part)
         out.append({"text": part, "differs": bool(word) and word not in theirs})
     return out
 
