@@ -68,3 +68,18 @@ def test_without_probabilities_the_best_signal_near_its_threshold_is_uncertain()
     assert pairs.frame["band"].tolist() == [True, False, False, True]
     first = next_batch(pairs, set(), size=4)
     assert pairs.frame.loc[first[0], "margin"] == pytest.approx(0.02)
+
+
+def test_while_every_answer_is_one_way_a_batch_starts_with_the_surest_other_kind() -> None:
+    built = table(
+        probability=[0.51, 0.48, 0.45, 0.99, 0.01, 0.6, 0.3, 0.56],
+        text=[0.9] * 8,
+        chars=[0.1] * 8,
+    )
+    pairs = review_pairs(built, FIRED_AT, 0.5)
+    frame = pairs.frame
+    first = next_batch(pairs, set(), size=3, wanted_side=1)  # all answers "different" so far
+    assert (frame.at[first[0], "a"], frame.at[first[0], "b"]) == (3, 4)  # p = 0.99
+    assert frame.loc[first[1:], "band"].all()
+    first = next_batch(pairs, set(), size=3, wanted_side=-1)  # all "same" so far
+    assert (frame.at[first[0], "a"], frame.at[first[0], "b"]) == (5, 6)  # p = 0.01

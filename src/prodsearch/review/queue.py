@@ -11,7 +11,9 @@ its distance from the decision in the deciding score's own unit:
 A batch is spread out two ways: a product appears at most once in it, and the pairs are taken
 round robin from their signal patterns (which modalities fired, which rule decided), each
 pattern most uncertain first, so one kind of near-miss cannot fill the queue. Pairs in the
-uncertain band come before every pair outside it; nothing is drawn at random.
+uncertain band come before every pair outside it; nothing is drawn at random. While every
+answer so far is one way (calibrating needs both), a batch starts with the surest pair of the
+other kind.
 """
 
 from __future__ import annotations
@@ -123,11 +125,16 @@ def _logit(p: np.ndarray) -> np.ndarray:
 
 
 def next_batch(
-    pairs: ReviewPairs, answered: Collection[frozenset[str]], size: int = 10
+    pairs: ReviewPairs,
+    answered: Collection[frozenset[str]],
+    size: int = 10,
+    wanted_side: int = 0,
 ) -> list[int]:
     """The rows of `pairs.frame` to ask about next, in order: unanswered pairs, the uncertain
     band first, round robin over signal patterns (each pattern most uncertain first, patterns
-    ordered by their most uncertain pair), a product at most once per batch."""
+    ordered by their most uncertain pair), a product at most once per batch. `wanted_side` +1
+    (or -1) starts the batch with the surest match (non-match): while every answer so far is one
+    way, an answer the other way is what calibration lacks, and the surest is quick to give."""
     frame = pairs.frame
     keys = pairs.keys()
     open_rows = [i for i, key in enumerate(keys) if key not in answered]
@@ -137,8 +144,12 @@ def next_batch(
     order = order.sort_values(["outside", "distance"], kind="stable")
     chosen: list[int] = []
     used: set[int] = set()
-    for outside in (False, True):
-        tier = order[order["outside"] == outside]
+    if wanted_side and open_rows:
+        surest = int((order["margin"] * wanted_side).idxmax())
+        chosen.append(surest)
+        used.update((int(frame.at[surest, "a"]), int(frame.at[surest, "b"])))
+        order = order.drop(index=surest)
+    for _, tier in order.groupby("outside", sort=True):
         queues = [list(group.index) for _, group in tier.groupby("pattern", sort=False)]
         queues.sort(key=lambda rows: float(order.loc[rows[0], "distance"]))
         while queues and len(chosen) < size:

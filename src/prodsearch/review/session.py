@@ -73,8 +73,11 @@ class ReviewSession:
         """The next `size` pairs to ask about (`queue.next_batch`), as the page shows them."""
         with self._lock:
             result, pairs = self._ready()
-            answered = {a.key for a in self.answers.current()}
-            rows = next_batch(pairs, answered, size)
+            current = self.answers.current()
+            kinds = {a.answer for a in current} - {"unsure"}
+            # all answers one way: ask where the other answer is likelier (calibration needs it)
+            side = {"different": 1, "same": -1}.get(kinds.pop()) if len(kinds) == 1 else 0
+            rows = next_batch(pairs, {a.key for a in current}, size, side or 0)
             return [
                 pair_view(pairs.frame.loc[row], pairs.ids, self.payloads, result.fired_at)
                 for row in rows
