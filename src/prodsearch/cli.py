@@ -902,6 +902,7 @@ def review(
     """
     import uvicorn
 
+    from prodsearch.index import Index
     from prodsearch.review.answers import answers_path
     from prodsearch.review.app import create_review_app
     from prodsearch.settings import settings_file
@@ -909,6 +910,10 @@ def review(
     settings = _settings(store, collection)
     path = answers_path(settings)
     target = write_settings or settings_file()
+    # A missing collection or a locked store ends here in a one-line error, not in a failed
+    # server start-up; the app then opens the store for itself.
+    with Index(settings=settings) as index:
+        stderr.print(f"reviewing {index.count():,} products of {index.collection!r}")
     stderr.print(f"answers: {path}; calibrations go to {target}", highlight=False)
 
     def progress(step: str, done: int, total: int) -> None:
