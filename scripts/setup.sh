@@ -17,3 +17,10 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -c "import prodsearch, torch, qdrant_edge, lightgbm; assert torch.__version__.startswith('2.13.0')"
   touch "$stamp"
 fi
+# The review page's browser test drives Debian's chromium (tests/test_review_browser.py; it is
+# skipped where no browser exists). Installed when missing and apt-get can; set-up goes on without.
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 \
+    && [ "$(id -u)" = "0" ]; then
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
+    >/dev/null 2>&1 || echo "setup: could not install chromium; the browser test will be skipped" >&2
+fi

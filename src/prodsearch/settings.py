@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import tomllib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
+import tomli_w
 from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
@@ -161,6 +164,16 @@ class DedupSettings(BaseModel):
     fusion: FusionDecisionSettings = FusionDecisionSettings()
 
 
+class ReviewSettings(BaseModel):
+    """The review page (`prodsearch review`): where its answers are kept."""
+
+    db: Path | None = Field(
+        None,
+        description="SQLite file of the review answers; None = `<collection>.review.sqlite` in "
+        "the embedded store's directory (a Qdrant server URL or :memory: store needs this set).",
+    )
+
+
 class IngestSettings(BaseModel):
     """How `prodsearch ingest` reads a catalog file: which column is which and, for a CSV, its
     delimiter and text encoding. None = the recipe's, or guessed from the header (columns.py) or
@@ -223,6 +236,7 @@ class Settings(BaseSettings):
     formula: FormulaSettings = FormulaSettings()
     dedup: DedupSettings = DedupSettings()
     ingest: IngestSettings = IngestSettings()
+    review: ReviewSettings = ReviewSettings()
     hnsw_ef: int | None = Field(
         None,
         ge=1,
@@ -312,3 +326,43 @@ class Settings(BaseSettings):
         description="A folder of product photos to calibrate the int8 image graph with; "
         "None = the Grocery Store train photos or the sample catalog's, when present.",
     )
+
+
+def settings_file() -> Path:
+    """The settings file in force: PRODSEARCH_SETTINGS_FILE, else ./prodsearch.toml."""
+    return Path(os.environ.get(SETTINGS_FILE_ENV, DEFAULT_SETTINGS_FILE))
+
+
+def update_settings_file(path: Path, changes: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge `changes` (nested tables, e.g. {"dedup": {"pair_model": {...}}}) into the TOML
+    settings file at `path`, keeping every other key (comments are not kept); creates the file
+    when missing. Returns the merged document. Raises ConfigError when the file is not TOML or
+    the result is not valid settings (the file is then left as it was)."""
+    from pydantic import ValidationError
+
+    from prodsearch.errors import ConfigError
+
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read settings file {path}: {exc}") from exc
+    merged = _merged(document, changes)
+    try:
+        Settings.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: the merged settings are not valid: {exc}") from exc
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(tomli_w.dumps(merged), encoding="utf-8")
+    os.replace(temporary, path)
+    return merged
+
+
+def _merged(document: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(document)
+    for key, value in changes.items():
+        current = out.get(key)
+        if isinstance(value, Mapping) and isinstance(current, Mapping):
+            out[key] = _merged(current, value)
+        else:
+            out[key] = value
+    return out

@@ -1,7 +1,7 @@
 """The `prodsearch` command line. `--json` output is one JSON document on stdout; progress, logs
 and tables go to stderr. Each command family is a module; importing them registers them."""
 
-from prodsearch.cli import catalog, evaluation, matching, serving
+from prodsearch.cli import catalog, evaluation, matching, review, serving
 from prodsearch.cli.common import app
 
-__all__ = ["app", "catalog", "evaluation", "matching", "serving"]
+__all__ = ["app", "catalog", "evaluation", "matching", "review", "serving"]

@@ -64,6 +64,15 @@ def calibrated(probability: np.ndarray, calibration: CalibrationSettings) -> np.
     return 1.0 / (1.0 + np.exp(-z))
 
 
+def uncalibrated(probability: np.ndarray, calibration: CalibrationSettings) -> np.ndarray:
+    """The pair model's own probabilities behind calibrated ones (`calibrated` inverted; exact
+    away from the EPSILON clip)."""
+    if calibration.slope == 0:
+        raise ConfigError("a calibration with slope 0 cannot be inverted: fit it again")
+    z = (_logit(probability) - calibration.intercept) / calibration.slope
+    return 1.0 / (1.0 + np.exp(-z))
+
+
 def _logit(p: np.ndarray) -> np.ndarray:
     p = np.clip(np.asarray(p, dtype=np.float64), EPSILON, 1 - EPSILON)
     return np.log(p / (1 - p))
@@ -165,3 +174,26 @@ def calibrate(table: PairTable, labels: Sequence[PairLabel]) -> Calibration:
         positives=int(same.sum()),
         fitted_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     )
+
+
+def model_probabilities(table: PairTable, current: CalibrationSettings | None) -> np.ndarray:
+    """The pair model's own probabilities of a table a dedup run decided, whose `probability`
+    column `current` (the calibration in force, None when none) calibrated. Raises ConfigError
+    when the pair model did not score the table (the fusion decided: probabilities all NaN)."""
+    probability = table.column("probability") if "probability" in table.frame else None
+    if probability is None or np.isnan(probability).all():
+        raise ConfigError(
+            "the pair model did not decide this catalog (the fusion did), so there are no "
+            "probabilities to calibrate"
+        )
+    return probability if current is None else uncalibrated(probability, current)
+
+
+def calibrate_decided(
+    table: PairTable, labels: Sequence[PairLabel], current: CalibrationSettings | None
+) -> Calibration:
+    """`calibrate` over a table a dedup run decided under the calibration `current`: refitted
+    from the pair model's own probabilities, so a new calibration replaces the one in force
+    rather than stacking on it. Raises ConfigError as `model_probabilities` and `calibrate` do."""
+    raw = model_probabilities(table, current)
+    return calibrate(PairTable(table.ids, table.frame.assign(probability=raw)), labels)
