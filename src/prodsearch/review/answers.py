@@ -20,7 +20,6 @@ from typing import Any, Literal
 
 from prodsearch.errors import ConfigError
 from prodsearch.labels import PairLabel, read_labels, write_labels
-from prodsearch.settings import Settings
 
 AnswerName = Literal["same", "different", "unsure"]
 ANSWERS: tuple[str, ...] = ("same", "different", "unsure")
@@ -65,21 +64,6 @@ class Answer:
     def key(self) -> frozenset[str]:
         """The unordered pair."""
         return frozenset((self.id_a, self.id_b))
-
-
-def answers_path(settings: Settings) -> Path:
-    """Where the review answers of the settings' collection live: `review.db` when set, else
-    `<collection>.review.sqlite` in the embedded (or local-mode) store's directory. Raises
-    ConfigError for a server URL or in-memory store without `review.db`."""
-    if settings.review.db is not None:
-        return Path(settings.review.db)
-    store = settings.store
-    if store.startswith(("http://", "https://")) or store == ":memory:":
-        raise ConfigError(
-            f"the review answers of a store at {store!r} need a file: set PRODSEARCH_REVIEW__DB "
-            "(or `db` under [review] in the settings file) to a path such as ./review.sqlite"
-        )
-    return Path(store.removeprefix("local:")) / f"{settings.collection}{DB_SUFFIX}"
 
 
 class AnswerStore:
