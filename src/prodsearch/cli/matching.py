@@ -148,9 +148,21 @@ def dedup(
             "(default from settings: pair-model; fusion when --blend-rounds is given).",
         ),
     ] = None,
+    reconcile: Annotated[
+        bool,
+        typer.Option(
+            "--reconcile",
+            help="Compare this run's clusters with the stored ones and report what would move, "
+            "merge and split; change the stored clusters only with --apply.",
+        ),
+    ] = False,
+    apply: Annotated[
+        bool, typer.Option("--apply", help="With --reconcile: store this run's clusters.")
+    ] = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Match every product of a collection against it: match sets, duplicate clusters, where the
+    """Match every product of a collection against it: match sets, duplicate clusters (stored in
+    the collection under stable ids: an unchanged cluster keeps its id across runs), where the
     time went, and beside OUT the audit trail OUT.pairs.csv (every match's scores, the signals
     that fired, the pair model's probability). Resumable: a re-run after a kill reuses
     OUT.checkpoint.jsonl."""
@@ -187,14 +199,9 @@ def dedup(
             if done == total or done % 2048 < 256:
                 stderr.print(f"{step}: {done:,}/{total:,}", highlight=False)
 
-        result = run_dedup(
-            index,
-            knobs,
-            filters,
-            progress=progress,
-            checkpoint=checkpoint,
-        )
-    audit = result.write(out)
+        result = run_dedup(index, knobs, filters, progress=progress, checkpoint=checkpoint)
+        carried = _stored_clusters(index, result.clusters, apply=apply or not reconcile)
+    audit = result.write(out, carried.membership)
     checkpoint.unlink(missing_ok=True)
     seconds = {"ingest": round(ingested, 1)} if catalog is not None else {}
     seconds.update({k: round(v, 1) for k, v in result.seconds.items()})
@@ -203,6 +210,9 @@ def dedup(
         "products": len(sets),
         "decided_by": result.decided_by,
         "clusters": len(set(result.clusters.values())),
+        "cluster_changes" if reconcile and not apply else "stored_cluster_changes": (
+            carried.counts()
+        ),
         "products_with_matches": sum(len(members) > 1 for members in sets.values()),
         "rescued_by_min2": len(result.rescued()),
         "seconds": seconds,
@@ -210,12 +220,26 @@ def dedup(
         "pairs": str(audit),
     }
     if as_json:
+        if reconcile:
+            summary["changes"] = [
+                {"kind": k, "cluster_id": c, "products": p, **d} for k, c, p, d in carried.events
+            ]
         _print_json(summary)
         return
     table = Table(title=f"dedup -> {out}", show_header=False)
     for key, value in summary.items():
         table.add_row(key, json.dumps(value) if isinstance(value, dict) else str(value))
     stderr.print(table)
+
+
+def _stored_clusters(index: Any, clusters: dict[str, int], apply: bool) -> Any:
+    """The run's clusters carried forward from the stored ones (stored when `apply`)."""
+    from prodsearch.matching.cluster_log import ClusterLog
+    from prodsearch.matching.clusters import store_clusters
+    from prodsearch.state import state_file
+
+    with ClusterLog(state_file(index.settings, "clusters")) as log:
+        return store_clusters(index, log, clusters, apply=apply)
 
 
 def _dedup_knobs(

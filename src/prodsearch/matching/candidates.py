@@ -92,6 +92,44 @@ def collect_candidates(
     return PairTable.from_matches([p.product_id for p in products], results)
 
 
+@dataclass(frozen=True)
+class Neighbourhood:
+    """One product's candidates and its best candidates' candidates, as one table over every
+    product they name: the pairs of the product and of its best candidates carry the same
+    features as in a whole-catalog table (their candidate lists are complete)."""
+
+    table: PairTable
+    #: the payload of every product the table names
+    payloads: dict[str, dict[str, Any]]
+
+
+def neighbourhood(
+    index: Index,
+    product: Product,
+    search: SearchSettings,
+    depth: int,
+    filters: RelativeFilters = RelativeFilters(),
+) -> Neighbourhood:
+    """The neighbourhood table of a stored product: its candidates, then the candidates of its
+    `depth` best (by fused score), in two batched engine requests."""
+    options = candidate_options(index, search)
+    (first,) = index.match_vectors(
+        [product.vectors], options, [filters.for_product(product.payload)]
+    )
+    first = [m for m in first if m.product_id != product.product_id]
+    nearest = sorted(first, key=lambda m: -m.score)[:depth]
+    stored = index.products([m.product_id for m in nearest], with_vectors=True)
+    found = index.match_vectors(
+        [p.vectors for p in stored], options, [filters.for_product(p.payload) for p in stored]
+    )
+    ids = [p.product_id for p in stored]
+    results = [(product.product_id, first), *zip(ids, found, strict=True)]
+    payloads = {product.product_id: product.payload}
+    for _, matches in results:
+        payloads.update((m.product_id, m.payload) for m in matches)
+    return Neighbourhood(PairTable.from_matches(list(payloads), results), payloads)
+
+
 def _matches(
     index: Index,
     products: Sequence[Product],
