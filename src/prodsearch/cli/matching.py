@@ -50,13 +50,25 @@ def match(
         list[str] | None,
         typer.Option("--filter", help="Payload filter key=value or key!=value (repeatable)."),
     ] = None,
+    decide: Annotated[
+        bool,
+        typer.Option(
+            "--decide/--no-decide",
+            help="Beside the engine's scores, show the catalog's decision on each match (the "
+            "dedup decision: match or not, and its probability).",
+        ),
+    ] = True,
     store: StoreOption = None,
     collection: CollectionOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Find the catalog products matching a title and/or an image."""
+    """Find the catalog products matching a title and/or an image; each with the engine's fused
+    and per-modality scores and, by default, whether the catalog's matching decides it is the
+    same product (and how sure)."""
     from prodsearch.filters import parse_cli_filters
     from prodsearch.index import Index
+    from prodsearch.matching.assign import ProductDecider, query_verdicts
+    from prodsearch.query import MatchOptions
 
     if fusion not in (None, "rrf", "dbsf", "formula"):
         raise ConfigError(f"--fusion {fusion!r}: choose rrf, dbsf or formula")
@@ -68,36 +80,55 @@ def match(
         except ValueError as exc:
             raise ConfigError(f"--threshold {item!r}: expected modality=number") from exc
     settings = _settings(store, collection)
+    options = MatchOptions(
+        k=k,
+        thresholds=thresholds or None,
+        fusion=fusion,  # type: ignore[arg-type]
+        filter=parse_cli_filters(filter_ or []),
+    )
     with Index(settings=settings) as index:
-        matches = index.match(
-            title,
-            image,
-            phash=phash,
-            k=k,
-            thresholds=thresholds or None,
-            fusion=fusion,  # type: ignore[arg-type]
-            filter=parse_cli_filters(filter_ or []),
+        vectors = index.encode_query(title, image, phash)
+        matches = index.match_vectors([vectors], options)[0]
+        verdicts = (
+            query_verdicts(ProductDecider(index), vectors, {"title": title or ""}) if decide else {}
         )
+    documents = [{**m.as_dict(), **_verdict(verdicts.get(m.product_id), decide)} for m in matches]
     if as_json:
-        _print_json(
-            {
-                "query": {"title": title, "image": str(image) if image else None},
-                "matches": [m.as_dict() for m in matches],
-            }
-        )
+        query = {"title": title, "image": str(image) if image else None}
+        _print_json({"query": query, "matches": documents})
         return
     table = Table(title=f"{len(matches)} match(es)")
-    for column in ("product_id", "score", "matched by", "modality scores", "title"):
+    columns = ("product_id", "decision", "probability", "score", "matched by", "scores", "title")
+    for column in (
+        columns if decide else (c for c in columns if c not in ("decision", "probability"))
+    ):
         table.add_column(column)
-    for m in matches:
+    for m, document in zip(matches, documents, strict=True):
+        decided = (document["decision"], _number(document["probability"])) if decide else ()
         table.add_row(
             m.product_id,
+            *decided,
             f"{m.score:.3f}",
             ",".join(m.matched_by),
             " ".join(f"{k}={v:.3f}" for k, v in m.scores.items()),
             str(m.payload.get("title", ""))[:60],
         )
     _stdout().print(table)
+
+
+def _verdict(verdict: Any, decide: bool) -> dict[str, Any]:
+    """A match's decision fields: "match" / "no match", its probability, the rule that decided;
+    a match beyond the candidates the decision reads is "no match" with no probability."""
+    if not decide:
+        return {}
+    if verdict is None:
+        return {"decision": "no match", "probability": None, "rule": ""}
+    decision = "match" if verdict.matched else "no match"
+    return {"decision": decision, "probability": verdict.probability, "rule": verdict.rule}
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 @app.command()
