@@ -6,10 +6,20 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
+from prodsearch.catalog import read_catalog
+from prodsearch.index import Index
+from prodsearch.ingest import ingest_catalog
+from prodsearch.matching.assign import Assigner
 from prodsearch.matching.cluster_log import ClusterLog, new_cluster_id
-from prodsearch.matching.clusters import carry_forward
+from prodsearch.matching.clusters import carry_forward, store_clusters
+from prodsearch.matching.dedup import run_dedup
+from prodsearch.recipes import load_recipe
+from prodsearch.settings import Settings
+
+from .generated import listings
 
 
 def test_unchanged_clusters_keep_their_ids_and_changes_are_recorded() -> None:
@@ -54,3 +64,45 @@ def test_the_cluster_log_keeps_members_events_and_survives_a_reopen(tmp_path: Pa
     with pytest.raises(sqlite3.ProgrammingError):
         log.membership()
     assert ClusterLog(path).membership() == {"b": "c-1", "c": "c-2"}
+
+
+def ingest_generated(index: Index, path: Path, frame, assign: Assigner | None = None) -> None:
+    frame.to_csv(path, index=False)
+    catalog = read_catalog(path, load_recipe("generic"))
+    ingest_catalog(index, catalog, after_batch=assign.assign_pending if assign else None)
+
+
+def test_new_listings_join_their_products_cluster(tmp_path: Path, encoders) -> None:
+    """A dedup stores clusters; listings arriving later join their product's cluster with the
+    dedup decision, or found one; a changed listing is re-assigned; a deleted one leaves."""
+    frame = pd.DataFrame(
+        [(x.product_id, x.title, x.price, x.group) for x in listings(30, seed=7)],
+        columns=["id", "title", "price", "group"],
+    )
+    first = frame.groupby("group").head(1)  # one listing of every product: no duplicates yet
+    later = frame.drop(first.index)
+    index = Index(str(tmp_path / "store"), "products", Settings(), encoders)
+    log = ClusterLog(tmp_path / "store" / "products.clusters.sqlite")
+    ingest_generated(index, tmp_path / "first.csv", first)
+    stored = store_clusters(index, log, run_dedup(index).clusters)
+    assert len(set(stored.membership.values())) == len(first)  # one product, one cluster
+    assigner = Assigner(index, log)
+    ingest_generated(index, tmp_path / "later.csv", later, assigner)
+    membership = log.membership()
+    groups = dict(zip(frame["id"], frame["group"], strict=True))
+    home = {groups[p]: c for p, c in stored.membership.items()}
+    joined = [p for p in later["id"] if membership[p] == home[groups[p]]]
+    assert len(joined) / len(later) > 0.8, "most listings join their product's cluster"
+    for p in later["id"]:  # the payload carries the cluster
+        assert index.get(p)["cluster_id"] == membership[p]
+    events = log.events(kind="joined")
+    assert events and all(e.detail["matches"] for e in events), "evidence is recorded"
+    # a changed listing is re-assigned: it no longer matches its old product
+    changed = later.iloc[[0]].assign(title="Completely different garden hose 25m")
+    ingest_generated(index, tmp_path / "changed.csv", changed, assigner)
+    moved = log.member(changed["id"].iloc[0])
+    assert moved.cluster_id != home[groups[changed["id"].iloc[0]]]
+    # nothing else was re-assigned (unchanged content)
+    assert len(log.events(kind="joined")) + len(log.events(kind="founded")) == len(later) + 1
+    index.close()
+    log.close()
