@@ -18,13 +18,13 @@ import datetime as dt
 import hashlib
 import json
 import sqlite3
-import threading
 from collections.abc import Iterable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prodsearch.errors import StoreError
+from prodsearch.state import StateFile
 
 #: the payload key mirroring a product's cluster
 CLUSTER_KEY = "cluster_id"
@@ -88,20 +88,12 @@ class ClusterLog:
     """The clusters of one collection, in a SQLite file (created when missing)."""
 
     def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(_SCHEMA)
-        except (OSError, sqlite3.Error) as exc:
-            raise StoreError(f"cannot open the cluster log {self.path}: {exc}") from exc
-        self._lock = threading.Lock()
+        self._file = StateFile(path, _SCHEMA, "the cluster log")
+        self.path = self._file.path
 
     def close(self) -> None:
         """Close the file."""
-        self._db.close()
+        self._file.close()
 
     def __enter__(self) -> ClusterLog:
         return self
@@ -112,16 +104,16 @@ class ClusterLog:
     # -- reads --------------------------------------------------------------------------------
     def membership(self) -> dict[str, str]:
         """Every product's cluster id."""
-        return dict(self._db.execute("SELECT product_id, cluster_id FROM members").fetchall())
+        return dict(self._file.query("SELECT product_id, cluster_id FROM members"))
 
     def member(self, product_id: str) -> Member | None:
         """A product's membership, or None when it is in no cluster."""
-        row = self._db.execute(
+        rows = self._file.query(
             "SELECT product_id, cluster_id, joined_at, content_hash FROM members "
             "WHERE product_id = ?",
             (product_id,),
-        ).fetchone()
-        return Member(*row) if row else None
+        )
+        return Member(*rows[0]) if rows else None
 
     def clusters_of(self, product_ids: Iterable[str]) -> dict[str, str]:
         """The cluster id of each of `product_ids` that is in one."""
@@ -131,20 +123,20 @@ class ClusterLog:
             chunk = ids[start : start + 500]
             marks = ",".join("?" * len(chunk))
             out.update(
-                self._db.execute(
+                self._file.query(
                     f"SELECT product_id, cluster_id FROM members WHERE product_id IN ({marks})",
                     chunk,
-                ).fetchall()
+                )
             )
         return out
 
     def members(self, cluster_id: str) -> list[Member]:
         """A cluster's products, in the order they joined."""
-        rows = self._db.execute(
+        rows = self._file.query(
             "SELECT product_id, cluster_id, joined_at, content_hash FROM members "
             "WHERE cluster_id = ? ORDER BY joined_at, product_id",
             (cluster_id,),
-        ).fetchall()
+        )
         return [Member(*row) for row in rows]
 
     def events(self, cluster_id: str | None = None, kind: str | None = None) -> list[Event]:
@@ -157,13 +149,14 @@ class ClusterLog:
         if kind is not None:
             query += " AND kind = ?"
             args.append(kind)
-        rows = self._db.execute(query + " ORDER BY seq", args).fetchall()
+        rows = self._file.query(query + " ORDER BY seq", args)
         return [Event(s, a, k, c, json.loads(p), json.loads(d)) for s, a, k, c, p, d in rows]
 
     def sizes(self) -> dict[str, int]:
         """Every cluster's number of products."""
-        rows = self._db.execute("SELECT cluster_id, COUNT(*) FROM members GROUP BY cluster_id")
-        return dict(rows.fetchall())
+        return dict(
+            self._file.query("SELECT cluster_id, COUNT(*) FROM members GROUP BY cluster_id")
+        )
 
     # -- writes (each one transaction) --------------------------------------------------------
     def join(
@@ -252,27 +245,5 @@ class ClusterLog:
             (at, kind, cluster_id, json.dumps(products), json.dumps(dict(detail), default=str)),
         )
 
-    def _transaction(self) -> _Transaction:
-        return _Transaction(self._db, self._lock)
-
-
-class _Transaction:
-    """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on an error), one thread at a time."""
-
-    def __init__(self, db: sqlite3.Connection, lock: threading.Lock) -> None:
-        self.db, self.lock = db, lock
-
-    def __enter__(self) -> sqlite3.Connection:
-        self.lock.acquire()
-        try:
-            self.db.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error:
-            self.lock.release()
-            raise
-        return self.db
-
-    def __exit__(self, kind: object, *exc: object) -> None:
-        try:
-            self.db.execute("ROLLBACK" if kind else "COMMIT")
-        finally:
-            self.lock.release()
+    def _transaction(self) -> AbstractContextManager[sqlite3.Connection]:
+        return self._file.transaction()
