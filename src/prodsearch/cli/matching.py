@@ -34,6 +34,73 @@ class Decider(StrEnum):
     fusion = "fusion"
 
 
+DedupCatalogArgument = Annotated[
+    Path | None,
+    typer.Argument(help="Catalog file to ingest first (omit to use the collection as is)."),
+]
+OutOption = Annotated[Path, typer.Option(help="Where to write id,matches,cluster,min2.")]
+DedupRecipeOption = Annotated[
+    str | None,
+    typer.Option(help="Column mapping when a CATALOG is given (default: guessed, as ingest does)."),
+]
+SameOption = Annotated[
+    list[str] | None, typer.Option(help="Matches must share this payload field (repeatable).")
+]
+DifferentOption = Annotated[
+    list[str] | None,
+    typer.Option(help="Matches must differ in this payload field, e.g. seller (repeatable)."),
+]
+WithinOption = Annotated[
+    list[str] | None,
+    typer.Option(help="A numeric field within a fraction of the product's, e.g. price=0.2."),
+]
+FilterOption = Annotated[
+    list[str] | None,
+    typer.Option("--filter", help="Payload filter key=value or key!=value (repeatable)."),
+]
+Min2Option = Annotated[
+    bool | None, typer.Option("--min2/--no-min2", help="Give lone products a close neighbour.")
+]
+BlendRoundsOption = Annotated[
+    int | None, typer.Option(min=0, max=3, help="Neighbourhood-blending rounds (fusion).")
+]
+MaxClusterOption = Annotated[
+    int | None, typer.Option(min=1, help="Cap on a duplicate cluster's size.")
+]
+DeciderOption = Annotated[
+    Decider | None,
+    typer.Option(
+        help="What decides a match: the learned pair model, or the fusion's own rule "
+        "(default from settings: pair-model; fusion when --blend-rounds is given).",
+    ),
+]
+ReconcileOption = Annotated[
+    bool,
+    typer.Option(
+        "--reconcile",
+        help="Compare this run's clusters with the stored ones and report what would move, "
+        "merge and split; change the stored clusters only with --apply.",
+    ),
+]
+ApplyOption = Annotated[
+    bool, typer.Option("--apply", help="With --reconcile: store this run's clusters.")
+]
+
+
+ThresholdOption = Annotated[
+    list[str] | None,
+    typer.Option(help="Per-modality threshold override, e.g. text=0.8 (repeatable)."),
+]
+DecideOption = Annotated[
+    bool,
+    typer.Option(
+        "--decide/--no-decide",
+        help="Beside the engine's scores, show the catalog's decision on each match (the "
+        "dedup decision: match or not, and its probability).",
+    ),
+]
+
+
 @app.command()
 @_reports_errors
 def match(
@@ -42,22 +109,9 @@ def match(
     phash: Annotated[str | None, typer.Option(help="A known 16-hex-digit perceptual hash.")] = None,
     k: Annotated[int | None, typer.Option(min=1, help="Matches to return.")] = None,
     fusion: Annotated[str | None, typer.Option(help="rrf, dbsf or formula.")] = None,
-    threshold: Annotated[
-        list[str] | None,
-        typer.Option(help="Per-modality threshold override, e.g. text=0.8 (repeatable)."),
-    ] = None,
-    filter_: Annotated[
-        list[str] | None,
-        typer.Option("--filter", help="Payload filter key=value or key!=value (repeatable)."),
-    ] = None,
-    decide: Annotated[
-        bool,
-        typer.Option(
-            "--decide/--no-decide",
-            help="Beside the engine's scores, show the catalog's decision on each match (the "
-            "dedup decision: match or not, and its probability).",
-        ),
-    ] = True,
+    threshold: ThresholdOption = None,
+    filter_: FilterOption = None,
+    decide: DecideOption = True,
     store: StoreOption = None,
     collection: CollectionOption = None,
     as_json: JsonOption = False,
@@ -97,6 +151,11 @@ def match(
         query = {"title": title, "image": str(image) if image else None}
         _print_json({"query": query, "matches": documents})
         return
+    _print_matches(matches, documents, decide)
+
+
+def _print_matches(matches: list[Any], documents: list[dict[str, Any]], decide: bool) -> None:
+    """The matches as a table on stdout."""
     table = Table(title=f"{len(matches)} match(es)")
     columns = ("product_id", "decision", "probability", "score", "matched by", "scores", "title")
     for column in (
@@ -134,62 +193,21 @@ def _number(value: float | None) -> str:
 @app.command()
 @_reports_errors
 def dedup(
-    catalog: Annotated[
-        Path | None,
-        typer.Argument(help="Catalog CSV to ingest first (omit to use the collection as is)."),
-    ] = None,
-    out: Annotated[Path, typer.Option(help="Where to write id,matches,cluster,min2.")] = Path(
-        "matches.csv"
-    ),
+    catalog: DedupCatalogArgument = None,
+    out: OutOption = Path("matches.csv"),
     store: StoreOption = None,
     collection: CollectionOption = None,
-    recipe: Annotated[
-        str | None,
-        typer.Option(
-            help="Column mapping when a CATALOG is given (default: guessed, as ingest does)."
-        ),
-    ] = None,
-    same: Annotated[
-        list[str] | None, typer.Option(help="Matches must share this payload field (repeatable).")
-    ] = None,
-    different: Annotated[
-        list[str] | None,
-        typer.Option(help="Matches must differ in this payload field, e.g. seller (repeatable)."),
-    ] = None,
-    within: Annotated[
-        list[str] | None,
-        typer.Option(help="A numeric field within a fraction of the product's, e.g. price=0.2."),
-    ] = None,
-    filter_: Annotated[
-        list[str] | None, typer.Option("--filter", help="Payload filter key=value (repeatable).")
-    ] = None,
-    min2: Annotated[
-        bool | None, typer.Option("--min2/--no-min2", help="Give lone products a close neighbour.")
-    ] = None,
-    blend_rounds: Annotated[
-        int | None, typer.Option(min=0, max=3, help="Neighbourhood-blending rounds.")
-    ] = None,
-    max_cluster_size: Annotated[
-        int | None, typer.Option(min=1, help="Cap on a duplicate cluster's size.")
-    ] = None,
-    decider: Annotated[
-        Decider | None,
-        typer.Option(
-            help="What decides a match: the learned pair model, or the fusion's own rule "
-            "(default from settings: pair-model; fusion when --blend-rounds is given).",
-        ),
-    ] = None,
-    reconcile: Annotated[
-        bool,
-        typer.Option(
-            "--reconcile",
-            help="Compare this run's clusters with the stored ones and report what would move, "
-            "merge and split; change the stored clusters only with --apply.",
-        ),
-    ] = False,
-    apply: Annotated[
-        bool, typer.Option("--apply", help="With --reconcile: store this run's clusters.")
-    ] = False,
+    recipe: DedupRecipeOption = None,
+    same: SameOption = None,
+    different: DifferentOption = None,
+    within: WithinOption = None,
+    filter_: FilterOption = None,
+    min2: Min2Option = None,
+    blend_rounds: BlendRoundsOption = None,
+    max_cluster_size: MaxClusterOption = None,
+    decider: DeciderOption = None,
+    reconcile: ReconcileOption = False,
+    apply: ApplyOption = False,
     as_json: JsonOption = False,
 ) -> None:
     """Match every product of a collection against it: match sets, duplicate clusters (stored in
@@ -236,14 +254,28 @@ def dedup(
     checkpoint.unlink(missing_ok=True)
     seconds = {"ingest": round(ingested, 1)} if catalog is not None else {}
     seconds.update({k: round(v, 1) for k, v in result.seconds.items()})
+    dry_run = reconcile and not apply
+    _dedup_summary(result, carried, seconds, (out, audit), dry_run, reconcile, as_json)
+
+
+def _dedup_summary(
+    result: Any,
+    carried: Any,
+    seconds: dict[str, float],
+    files: tuple[Path, Path],
+    dry_run: bool,
+    listed: bool,
+    as_json: bool,
+) -> None:
+    """What a dedup run did: counts, cluster changes (would-be ones in a dry run; each one
+    `listed` in JSON), where the time went, the files written (match sets, audit trail)."""
+    out, audit = files
     sets = result.match_sets()
     summary = {
         "products": len(sets),
         "decided_by": result.decided_by,
         "clusters": len(set(result.clusters.values())),
-        "cluster_changes" if reconcile and not apply else "stored_cluster_changes": (
-            carried.counts()
-        ),
+        "cluster_changes" if dry_run else "stored_cluster_changes": carried.counts(),
         "products_with_matches": sum(len(members) > 1 for members in sets.values()),
         "rescued_by_min2": len(result.rescued()),
         "seconds": seconds,
@@ -251,7 +283,7 @@ def dedup(
         "pairs": str(audit),
     }
     if as_json:
-        if reconcile:
+        if listed:
             summary["changes"] = [
                 {"kind": k, "cluster_id": c, "products": p, **d} for k, c, p, d in carried.events
             ]
