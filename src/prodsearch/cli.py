@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
+from enum import StrEnum
 from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -44,6 +45,17 @@ CollectionOption = Annotated[
     str | None, typer.Option("--collection", help="Collection name. Default: products.")
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+
+
+class LogLevel(StrEnum):
+    """uvicorn's log levels (`trace` adds every connection opened and closed)."""
+
+    critical = "critical"
+    error = "error"
+    warning = "warning"
+    info = "info"
+    debug = "debug"
+    trace = "trace"
 
 
 def _reports_errors(command: F) -> F:
@@ -358,17 +370,21 @@ def serve(
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8000,
     store: StoreOption = None,
     collection: CollectionOption = None,
+    log_level: Annotated[LogLevel, typer.Option(help="The server's log level.")] = LogLevel.info,
 ) -> None:
     """Serve the HTTP API (POST /match, POST /products, GET /health; OpenAPI at /docs).
 
     One process holds the models and the store; PRODSEARCH_API_KEY makes every route but
     /health require an X-API-Key header. The embedded engine allows one process per store
-    directory: for several servers, use a Qdrant server (--store http://...).
+    directory: for several servers, use a Qdrant server (--store http://...). Connection
+    timeouts and the request queue: PRODSEARCH_KEEP_ALIVE_TIMEOUT_S, PRODSEARCH_SHUTDOWN_TIMEOUT_S,
+    PRODSEARCH_MAX_ACTIVE_REQUESTS, PRODSEARCH_MAX_QUEUED_REQUESTS (deploy/README.md).
     """
     import uvicorn
 
     from prodsearch.api import create_app
     from prodsearch.index import Index
+    from prodsearch.serving import server_config
     from prodsearch.store import open_store
 
     settings = _settings(store, collection)
@@ -385,7 +401,8 @@ def serve(
                 f"collection {index.collection!r} does not exist yet: POST /products or "
                 "`prodsearch ingest` creates it"
             )
-    uvicorn.run(create_app(settings), host=host, port=port)
+    config = server_config(create_app(settings), settings, host, port, log_level.value)
+    uvicorn.Server(config).run()
 
 
 @app.command()
