@@ -13,8 +13,9 @@ balancer holds) send requests for `--duration` seconds:
 - `title`: POST /match with titles and their phash from Shopee rows that are not in the catalog;
 - `image`: POST /match with the sample catalog's photos (base64), against the sample catalog;
 - `--mixed`: the operations of MIXED, drawn by weight: title matches, title + photo matches
-  (the sample catalog is ingested into the same collection), batch upserts of new products,
-  deletes of those, product reads. A new endpoint is one more `Operation` in MIXED.
+  (the sample catalog is ingested into the same collection), batch upserts (new products, then
+  new revisions of them), deletes of those, product reads. A new endpoint is one more
+  `Operation` in MIXED.
 
 `--soak MINUTES` runs for that long (instead of `--duration`) and logs the server's RSS and
 open file descriptors every minute. Every run reports requests/s, p50 / p95 / p99 latency of
@@ -54,7 +55,9 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "ingest" / "sample"
 WARM_UP_REQUESTS = 20
 HEALTH_EVERY_S = 1.0
+SETTLE_S = 10.0  # load before the server's RSS and fds are first read
 UPSERT_BATCH = 10
+UPSERT_IDS = 2_000
 
 
 def log(message: str) -> None:
@@ -193,15 +196,18 @@ def mixed_workload(data: Path, products: int, workdir: Path) -> Workload:
         [str(SAMPLE / "catalog.csv"), "--recipe", "generic", "--images-dir", str(SAMPLE)]
     )
     work.photos = photos
+    # Upserts cycle over a fixed set of ids with a new revision each time (so each is written,
+    # and the collection stays within catalog + UPSERT_IDS products however long the run).
     _, rest = shopee_rows(data, products)
+    rows = list(rest.iloc[2_000 : 2_000 + UPSERT_IDS].itertuples())
     work.new_products = (
         {
-            "id": f"bench-{n}",
-            "title": r.title,
-            "image_phash": r.image_phash,
-            "payload": {"source": "bench"},
+            "id": f"bench-{n % len(rows)}",
+            "title": rows[n % len(rows)].title,
+            "image_phash": rows[n % len(rows)].image_phash,
+            "payload": {"source": "bench", "revision": n // len(rows)},
         }
-        for n, r in enumerate(itertools.cycle(list(rest.iloc[2_000:].itertuples())))
+        for n in itertools.count()
     )
     return work
 
@@ -283,23 +289,21 @@ async def poll_health(base: str, stop: float, tally: Tally) -> None:
 
 
 async def run_clients(
-    base: str,
-    work: Workload,
-    operations: list[Operation],
-    clients: int,
-    duration: float,
-    keepalive_s: float,
-) -> tuple[dict[str, Tally], float]:
-    """Run `clients` loops drawing operations by weight for `duration` s; return a Tally per
-    operation (and one for /health) and the seconds taken."""
+    base: str, work: Workload, operations: list[Operation], args: argparse.Namespace, pid: int
+) -> tuple[dict[str, Tally], float, list[tuple[float, int]]]:
+    """Run `args.clients` loops drawing operations by weight for the run's duration; return a
+    Tally per operation (and one for /health), the seconds taken, and the server's RSS and open
+    fds after SETTLE_S of load and at its end."""
     tallies = {op.name: Tally() for op in operations} | {"health": Tally()}
     limits = httpx.Limits(
-        max_connections=clients, max_keepalive_connections=clients, keepalive_expiry=keepalive_s
+        max_connections=args.clients,
+        max_keepalive_connections=args.clients,
+        keepalive_expiry=args.client_keepalive,
     )
     async with httpx.AsyncClient(base_url=base, limits=limits, timeout=120) as client:
         for query in (work.titles or work.photos)[:WARM_UP_REQUESTS]:
             (await client.post("/match", json=query)).raise_for_status()
-        stop = time.perf_counter() + duration
+        stop = time.perf_counter() + (args.soak * 60 if args.soak else args.duration)
         weights = [op.weight for op in operations]
 
         async def one_client(seed: int) -> None:
@@ -310,10 +314,12 @@ async def run_clients(
                 await asyncio.sleep(wait)
 
         started = time.perf_counter()
-        await asyncio.gather(
-            poll_health(base, stop, tallies["health"]), *(one_client(i) for i in range(clients))
+        _, resources, *_ = await asyncio.gather(
+            poll_health(base, stop, tallies["health"]),
+            watch_server(pid, stop, 60 if args.soak else None),
+            *(one_client(i) for i in range(args.clients)),
         )
-        return tallies, time.perf_counter() - started
+        return tallies, time.perf_counter() - started, resources
 
 
 # -- the server -------------------------------------------------------------------------------
@@ -337,12 +343,19 @@ def server_resources(pid: int) -> tuple[float, int]:
     return process.memory_info().rss / 1e6, process.num_fds()
 
 
-async def log_resources(pid: int, every_s: float, stop: float) -> None:
-    """Log the server's RSS and open file descriptors every `every_s` until `stop`."""
-    while (left := stop - time.perf_counter()) > 0:
-        await asyncio.sleep(min(every_s, left))
-        rss, fds = server_resources(pid)
-        log(f"  server RSS {rss:,.0f} MB, {fds} open fds; load average {os.getloadavg()[0]:.2f}")
+async def watch_server(pid: int, stop: float, every_s: float | None) -> list[tuple[float, int]]:
+    """The server's RSS and open fds after SETTLE_S of load and 1 s before `stop` (the same
+    clients connected both times); logged every `every_s` in between when given."""
+    await asyncio.sleep(SETTLE_S)
+    seen = [server_resources(pid)]
+    while (left := stop - 1 - time.perf_counter()) > 0:
+        await asyncio.sleep(min(every_s or left, left))
+        if every_s:
+            rss, fds = server_resources(pid)
+            log(
+                f"  server RSS {rss:,.0f} MB, {fds} open fds; load average {os.getloadavg()[0]:.2f}"
+            )
+    return [*seen, server_resources(pid)]
 
 
 def ingest(work: Workload, store: str) -> None:
@@ -377,7 +390,7 @@ def row(name: str, tally: Tally, seconds: float) -> str:
 def report(
     tallies: dict[str, Tally],
     seconds: float,
-    resources: dict[str, tuple[float, int]],
+    resources: list[tuple[float, int]],
     loads: tuple[float, float],
 ) -> int:
     """Print the run's tables; return the number of unexpected failures."""
@@ -392,10 +405,11 @@ def report(
         f"{statistics.median(health):,.0f} ms, max {max(health):,.0f} ms, "
         f"{sum(tallies['health'].failures.values())} failed"
     )
-    (rss0, fds0), (rss1, fds1) = resources["start"], resources["end"]
+    (rss0, fds0), (rss1, fds1) = resources
     print(
-        f"server RSS {rss0:,.0f} -> {rss1:,.0f} MB ({(rss1 - rss0) / rss0:+.1%}), "
-        f"open fds {fds0} -> {fds1}; load average {loads[0]:.2f} -> {loads[1]:.2f}"
+        f"server after {SETTLE_S:.0f} s of load -> at its end: RSS {rss0:,.0f} -> {rss1:,.0f} MB "
+        f"({(rss1 - rss0) / rss0:+.1%}), open fds {fds0} -> {fds1}; "
+        f"load average {loads[0]:.2f} -> {loads[1]:.2f}"
     )
     failures = _merged(tallies.values())
     if failures.failures:
@@ -445,22 +459,9 @@ def serve_and_load(
             )
             load_before = os.getloadavg()[0]
 
-            async def load() -> tuple[dict[str, Tally], float, tuple[float, int]]:
-                # RSS and fds after the clients' warm-up requests, not before the first model call
-                task = asyncio.create_task(
-                    run_clients(
-                        base, work, operations, args.clients, duration, args.client_keepalive
-                    )
-                )
-                await asyncio.sleep(5)
-                start = server_resources(server.pid)
-                if args.soak:
-                    await log_resources(server.pid, 60, time.perf_counter() + duration - 5)
-                tallies, seconds = await task
-                return tallies, seconds, start
-
-            tallies, seconds, start = asyncio.run(load())
-            resources = {"start": start, "end": server_resources(server.pid)}
+            tallies, seconds, resources = asyncio.run(
+                run_clients(base, work, operations, args, server.pid)
+            )
         finally:
             server.terminate()
             server.wait(timeout=60)

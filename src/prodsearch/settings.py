@@ -202,7 +202,7 @@ class Settings(BaseSettings):
         64, ge=0, description="API requests waiting for a turn; past that, 503 with Retry-After."
     )
     queue_timeout_s: float = Field(
-        5.0, gt=0, description="Longest wait for a turn before a queued request gets 503."
+        10.0, gt=0, description="Longest wait for a turn before a queued request gets 503."
     )
     # A load balancer reuses idle connections for up to its own idle timeout (60 s on AWS ALB
     # and nginx): the server must keep them longer, or it closes one just as a request is sent
