@@ -168,10 +168,14 @@ def title_workload(data: Path, products: int, workdir: Path) -> Workload:
     )
 
 
+def _photos() -> list[Path]:
+    """The sample catalog's photos (catalogue and store photos) and its query photos."""
+    return sorted((SAMPLE / "images").glob("*.jpg")) + sorted((SAMPLE / "queries").glob("*"))
+
+
 def _photo_queries() -> list[dict[str, Any]]:
-    """The sample catalog's photos (catalogue and store photos), as base64 match bodies."""
-    photos = sorted((SAMPLE / "images").glob("*.jpg")) + sorted((SAMPLE / "queries").glob("*"))
-    return [{"image_base64": base64.b64encode(p.read_bytes()).decode()} for p in photos]
+    """The sample photos as base64 match bodies."""
+    return [{"image_base64": base64.b64encode(p.read_bytes()).decode()} for p in _photos()]
 
 
 def image_workload() -> Workload:
@@ -187,11 +191,12 @@ def mixed_workload(data: Path, products: int, workdir: Path) -> Workload:
     """The title workload's catalog plus the sample catalog (titles and photos); photo queries
     carry the sample product's title; upserts draw Shopee rows outside catalog and queries."""
     work = title_workload(data, products, workdir)
-    sample = pd.read_csv(SAMPLE / "catalog.csv")
-    titles = dict(zip(sample["product"], sample["title"].fillna(""), strict=True))
+    sample = pd.read_csv(SAMPLE / "catalog.csv").dropna(subset=["title"])
+    titles = dict(zip(sample["product"], sample["title"], strict=True))
     photos = _photo_queries()
-    for body, path in zip(photos, sorted((SAMPLE / "images").glob("*.jpg")), strict=False):
-        body["title"] = titles.get(path.stem.rsplit("-", 1)[0]) or None
+    for body, path in zip(photos, _photos(), strict=True):
+        # images/Arla-Standard-Milk-1234.jpg and queries/Arla-Standard-Milk.jpg: the product
+        body["title"] = titles.get(path.stem.rstrip("0123456789").rstrip("-"))
     work.catalogs.append(
         [str(SAMPLE / "catalog.csv"), "--recipe", "generic", "--images-dir", str(SAMPLE)]
     )
