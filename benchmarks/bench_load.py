@@ -1,8 +1,8 @@
 """Load benchmark of the HTTP API: concurrent clients against a real `prodsearch serve` process.
 
     .venv/bin/python benchmarks/bench_load.py [--clients 50] [--duration 60] [--products 5000]
-        [--workload title|image] [--mixed] [--soak MINUTES] [--runs N] [--store DIR]
-        [--client-keepalive S] [--data ../shared/data]
+        [--workload title|image] [--mixed] [--soak MINUTES] [--settle S] [--runs N]
+        [--store DIR] [--client-keepalive S] [--log-level L] [--server-log F] [--data DIR]
 
 Ingests a slice of Shopee `train.csv` (titles + image_phash; `--products` rows) into an embedded
 store with `prodsearch ingest` (a temporary one, or `--store DIR`, kept and re-used: a re-run
@@ -22,9 +22,11 @@ open file descriptors every minute. Every run reports requests/s, p50 / p95 / p9
 the answered requests, the unexpected failures by kind (HTTP status, or the client exception's
 class, such as ReadError for a connection closed without an answer) with a sample of each,
 the requests shed with 503 + Retry-After (overload, counted apart; the client waits as told),
-/health's latency (polled every second during the load), the server's RSS and open file
-descriptors after warm-up and at the end, and the machine's load average. Markdown on stdout,
-progress on stderr; exit code 1 when any request failed unexpectedly.
+/health's latency (polled every second during the load), the server's RSS (and its file-backed
+part: the engine's mapped segments) and open file descriptors after `--settle` seconds of load
+(the engine's segments take minutes of writes to reach their working set) and at the end, and
+the machine's load average. Markdown on stdout, progress on stderr; exit code 1 when any
+request failed unexpectedly.
 """
 
 from __future__ import annotations
@@ -55,7 +57,6 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "ingest" / "sample"
 WARM_UP_REQUESTS = 20
 HEALTH_EVERY_S = 1.0
-SETTLE_S = 10.0  # load before the server's RSS and fds are first read
 UPSERT_BATCH = 10
 UPSERT_IDS = 2_000
 
@@ -298,7 +299,7 @@ async def run_clients(
 ) -> tuple[dict[str, Tally], float, list[tuple[float, int]]]:
     """Run `args.clients` loops drawing operations by weight for the run's duration; return a
     Tally per operation (and one for /health), the seconds taken, and the server's RSS and open
-    fds after SETTLE_S of load and at its end."""
+    fds after `args.settle` seconds of load and at its end."""
     tallies = {op.name: Tally() for op in operations} | {"health": Tally()}
     limits = httpx.Limits(
         max_connections=args.clients,
@@ -321,7 +322,7 @@ async def run_clients(
         started = time.perf_counter()
         _, resources, *_ = await asyncio.gather(
             poll_health(base, stop, tallies["health"]),
-            watch_server(pid, stop, 60 if args.soak else None),
+            watch_server(pid, stop, args.settle, 60 if args.soak else None),
             *(one_client(i) for i in range(args.clients)),
         )
         return tallies, time.perf_counter() - started, resources
@@ -342,23 +343,28 @@ def wait_for_health(base: str, server: subprocess.Popen, server_log: Path) -> di
             time.sleep(0.5)
 
 
-def server_resources(pid: int) -> tuple[float, int]:
-    """The server process's RSS (MB) and open file descriptors."""
+def server_resources(pid: int) -> tuple[float, float, int]:
+    """The server process's RSS and its file-backed part (MB; the engine maps its segment files)
+    and its open file descriptors."""
     process = psutil.Process(pid)
-    return process.memory_info().rss / 1e6, process.num_fds()
+    memory = process.memory_info()
+    return memory.rss / 1e6, memory.shared / 1e6, process.num_fds()
 
 
-async def watch_server(pid: int, stop: float, every_s: float | None) -> list[tuple[float, int]]:
-    """The server's RSS and open fds after SETTLE_S of load and 1 s before `stop` (the same
-    clients connected both times); logged every `every_s` in between when given."""
-    await asyncio.sleep(SETTLE_S)
+async def watch_server(
+    pid: int, stop: float, settle_s: float, every_s: float | None
+) -> list[tuple[float, float, int]]:
+    """The server's resources (server_resources) after `settle_s` of load and 1 s before `stop`
+    (the same clients connected both times); logged every `every_s` in between when given."""
+    await asyncio.sleep(settle_s)
     seen = [server_resources(pid)]
     while (left := stop - 1 - time.perf_counter()) > 0:
         await asyncio.sleep(min(every_s or left, left))
         if every_s:
-            rss, fds = server_resources(pid)
+            rss, mapped, fds = server_resources(pid)
             log(
-                f"  server RSS {rss:,.0f} MB, {fds} open fds; load average {os.getloadavg()[0]:.2f}"
+                f"  server RSS {rss:,.0f} MB ({mapped:,.0f} file-backed), {fds} open fds; "
+                f"load average {os.getloadavg()[0]:.2f}"
             )
     return [*seen, server_resources(pid)]
 
@@ -395,7 +401,8 @@ def row(name: str, tally: Tally, seconds: float) -> str:
 def report(
     tallies: dict[str, Tally],
     seconds: float,
-    resources: list[tuple[float, int]],
+    resources: list[tuple[float, float, int]],
+    settle_s: float,
     loads: tuple[float, float],
 ) -> int:
     """Print the run's tables; return the number of unexpected failures."""
@@ -410,11 +417,11 @@ def report(
         f"{statistics.median(health):,.0f} ms, max {max(health):,.0f} ms, "
         f"{sum(tallies['health'].failures.values())} failed"
     )
-    (rss0, fds0), (rss1, fds1) = resources
+    (rss0, mapped0, fds0), (rss1, mapped1, fds1) = resources
     print(
-        f"server after {SETTLE_S:.0f} s of load -> at its end: RSS {rss0:,.0f} -> {rss1:,.0f} MB "
-        f"({(rss1 - rss0) / rss0:+.1%}), open fds {fds0} -> {fds1}; "
-        f"load average {loads[0]:.2f} -> {loads[1]:.2f}"
+        f"server after {settle_s:.0f} s of load -> at its end: RSS {rss0:,.0f} -> {rss1:,.0f} MB "
+        f"({(rss1 - rss0) / rss0:+.1%}; file-backed {mapped0:,.0f} -> {mapped1:,.0f} MB), "
+        f"open fds {fds0} -> {fds1}; load average {loads[0]:.2f} -> {loads[1]:.2f}"
     )
     failures = _merged(tallies.values())
     if failures.failures:
@@ -476,7 +483,7 @@ def serve_and_load(
         f"{args.clients} clients, {seconds:.0f} s, {os.cpu_count()} CPUs, "
         f"client keep-alive {args.client_keepalive:g} s\n"
     )
-    return report(tallies, seconds, resources, (load_before, os.getloadavg()[0]))
+    return report(tallies, seconds, resources, args.settle, (load_before, os.getloadavg()[0]))
 
 
 def main() -> None:
@@ -491,6 +498,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--soak", type=float, metavar="MINUTES", help="run this long; log RSS and fds"
+    )
+    parser.add_argument(
+        "--settle", type=float, default=10.0, help="seconds of load before RSS and fds are read"
     )
     parser.add_argument(
         "--runs", type=int, default=1, help="back-to-back runs, a fresh server each"
