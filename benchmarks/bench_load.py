@@ -2,13 +2,14 @@
 
     .venv/bin/python benchmarks/bench_load.py [--clients 50] [--duration 60] [--products 5000]
         [--workload title|image] [--mixed] [--soak MINUTES] [--settle S] [--runs N]
-        [--store DIR] [--client-keepalive S] [--log-level L] [--server-log F] [--data DIR]
+        [--store DIR] [--pool shared|per-client] [--client-keepalive S] [--log-level L]
+        [--server-log F] [--data DIR]
 
 Ingests a slice of Shopee `train.csv` (titles + image_phash; `--products` rows) into an embedded
 store with `prodsearch ingest` (a temporary one, or `--store DIR`, kept and re-used: a re-run
 ingest skips unchanged products), starts `prodsearch serve` on a free loopback port, and has
-`--clients` concurrent clients (asyncio + httpx, one shared keep-alive connection pool, as a load
-balancer holds) send requests for `--duration` seconds:
+`--clients` concurrent clients (asyncio + httpx; one shared keep-alive connection pool, as a load
+balancer holds, or `--pool per-client`) send requests for `--duration` seconds:
 
 - `title`: POST /match with titles and their phash from Shopee rows that are not in the catalog;
 - `image`: POST /match with the sample catalog's photos (base64), against the sample catalog;
@@ -37,6 +38,7 @@ import base64
 import itertools
 import os
 import random
+import re
 import socket
 import statistics
 import subprocess
@@ -57,6 +59,7 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "ingest" / "sample"
 WARM_UP_REQUESTS = 20
 HEALTH_EVERY_S = 1.0
+SERVER_TOTAL = re.compile(r"total;dur=([0-9.]+)")
 UPSERT_BATCH = 10
 UPSERT_IDS = 2_000
 
@@ -224,7 +227,8 @@ class Tally:
     """What one operation's requests got."""
 
     latencies_ms: list[float] = field(default_factory=list)
-    shed: int = 0  # 503 + Retry-After: overload, counted apart
+    shed_ms: list[float] = field(default_factory=list)  # 503 + Retry-After: counted apart
+    server_ms: list[float] = field(default_factory=list)  # Server-Timing total, when sent
     failures: Counter[str] = field(default_factory=Counter)
     samples: dict[str, str] = field(default_factory=dict)
 
@@ -256,13 +260,15 @@ async def send(
     except httpx.HTTPError as exc:
         tally.fail(type(exc).__name__, f"{call.method} {call.path} {_brief(call)}: {exc!r}")
         return 0.0
+    if timing := SERVER_TOTAL.search(response.headers.get("server-timing", "")):
+        tally.server_ms.append(float(timing.group(1)))
     if response.status_code in operation.expected:
         tally.latencies_ms.append((time.perf_counter() - start) * 1000)
         if operation.after:
             operation.after(work, call, response)
         return 0.0
     if (wait := _shed_wait(response)) is not None:
-        tally.shed += 1
+        tally.shed_ms.append((time.perf_counter() - start) * 1000)
         return wait
     tally.fail(
         f"HTTP {response.status_code}",
@@ -294,19 +300,35 @@ async def poll_health(base: str, stop: float, tally: Tally) -> None:
             await asyncio.sleep(HEALTH_EVERY_S)
 
 
+def _client(base: str, connections: int, keepalive_s: float) -> httpx.AsyncClient:
+    """An HTTP client with a pool of up to `connections` keep-alive connections."""
+    limits = httpx.Limits(
+        max_connections=connections,
+        max_keepalive_connections=connections,
+        keepalive_expiry=keepalive_s,
+    )
+    return httpx.AsyncClient(base_url=base, limits=limits, timeout=120)
+
+
+@dataclass
+class Run:
+    """What a run measured: a Tally per operation (and one for /health), its seconds, the
+    server's resources (server_resources) after `--settle` s of load and at its end, and the
+    client's own event-loop lags (ms)."""
+
+    tallies: dict[str, Tally]
+    seconds: float
+    resources: list[tuple[float, float, int]]
+    client_lags_ms: list[float]
+
+
 async def run_clients(
     base: str, work: Workload, operations: list[Operation], args: argparse.Namespace, pid: int
-) -> tuple[dict[str, Tally], float, list[tuple[float, int]]]:
-    """Run `args.clients` loops drawing operations by weight for the run's duration; return a
-    Tally per operation (and one for /health), the seconds taken, and the server's RSS and open
-    fds after `args.settle` seconds of load and at its end."""
+) -> Run:
+    """Run `args.clients` loops drawing operations by weight for the run's duration."""
     tallies = {op.name: Tally() for op in operations} | {"health": Tally()}
-    limits = httpx.Limits(
-        max_connections=args.clients,
-        max_keepalive_connections=args.clients,
-        keepalive_expiry=args.client_keepalive,
-    )
-    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=120) as client:
+    shared = args.pool == "shared"
+    async with _client(base, args.clients if shared else 1, args.client_keepalive) as client:
         for query in (work.titles or work.photos)[:WARM_UP_REQUESTS]:
             (await client.post("/match", json=query)).raise_for_status()
         stop = time.perf_counter() + (args.soak * 60 if args.soak else args.duration)
@@ -314,18 +336,32 @@ async def run_clients(
 
         async def one_client(seed: int) -> None:
             rng = random.Random(seed)
-            while time.perf_counter() < stop:
-                operation = rng.choices(operations, weights)[0]
-                wait = await send(client, work, operation, tallies[operation.name], rng)
-                await asyncio.sleep(wait)
+            async with _client(base, 1, args.client_keepalive) as own:
+                while time.perf_counter() < stop:
+                    operation = rng.choices(operations, weights)[0]
+                    tally = tallies[operation.name]
+                    wait = await send(client if shared else own, work, operation, tally, rng)
+                    await asyncio.sleep(wait)
 
         started = time.perf_counter()
-        _, resources, *_ = await asyncio.gather(
+        _, lags, resources, *_ = await asyncio.gather(
             poll_health(base, stop, tallies["health"]),
+            loop_lags(stop),
             watch_server(pid, stop, args.settle, 60 if args.soak else None),
             *(one_client(i) for i in range(args.clients)),
         )
-        return tallies, time.perf_counter() - started, resources
+        return Run(tallies, time.perf_counter() - started, resources, lags)
+
+
+async def loop_lags(stop: float) -> list[float]:
+    """How late (ms) this client's event loop wakes from 50 ms sleeps until `stop`: when it is
+    late, the client itself (its CPU share) adds to the latencies it measures."""
+    lags = []
+    while time.perf_counter() < stop:
+        before = time.perf_counter()
+        await asyncio.sleep(0.05)
+        lags.append((time.perf_counter() - before - 0.05) * 1000)
+    return lags
 
 
 # -- the server -------------------------------------------------------------------------------
@@ -387,27 +423,28 @@ def percentile(samples: list[float], q: int) -> float:
 
 
 def row(name: str, tally: Tally, seconds: float) -> str:
-    """A table row: requests, answered per second, latency percentiles, failures, shed."""
-    ok = tally.latencies_ms
+    """A table row: requests, answered per second, latency percentiles of the answered ones,
+    failures, shed requests and how long their 503 took (p99), and the server's own time
+    (Server-Timing) for all (p99)."""
+    ok, shed = tally.latencies_ms, tally.shed_ms
     failed = sum(tally.failures.values())
     median = statistics.median(ok) if ok else 0.0
     return (
-        f"| {name} | {len(ok) + tally.shed + failed:,} | {len(ok) / seconds:,.1f} | "
+        f"| {name} | {len(ok) + len(shed) + failed:,} | {len(ok) / seconds:,.1f} | "
         f"{median:,.0f} | {percentile(ok, 95):,.0f} | {percentile(ok, 99):,.0f} | "
-        f"{failed} | {tally.shed} |"
+        f"{failed} | {len(shed):,} | {percentile(shed, 99):,.0f} | "
+        f"{percentile(tally.server_ms, 99):,.0f} |"
     )
 
 
-def report(
-    tallies: dict[str, Tally],
-    seconds: float,
-    resources: list[tuple[float, float, int]],
-    settle_s: float,
-    loads: tuple[float, float],
-) -> int:
+def report(run: Run, settle_s: float, loads: tuple[float, float]) -> int:
     """Print the run's tables; return the number of unexpected failures."""
-    print("| operation | requests | answered/s | p50 ms | p95 ms | p99 ms | errors | shed (503) |")
-    print("|---|---|---|---|---|---|---|---|")
+    tallies, seconds = run.tallies, run.seconds
+    print(
+        "| operation | requests | answered/s | p50 ms | p95 ms | p99 ms | errors | shed (503) "
+        "| 503 p99 ms | server p99 ms |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
     load = {k: t for k, t in tallies.items() if k != "health"}
     for name, tally in [*(load.items() if len(load) > 1 else []), ("all", _merged(load.values()))]:
         print(row(name, tally, seconds))
@@ -417,11 +454,13 @@ def report(
         f"{statistics.median(health):,.0f} ms, max {max(health):,.0f} ms, "
         f"{sum(tallies['health'].failures.values())} failed"
     )
-    (rss0, mapped0, fds0), (rss1, mapped1, fds1) = resources
+    (rss0, mapped0, fds0), (rss1, mapped1, fds1) = run.resources
     print(
         f"server after {settle_s:.0f} s of load -> at its end: RSS {rss0:,.0f} -> {rss1:,.0f} MB "
         f"({(rss1 - rss0) / rss0:+.1%}; file-backed {mapped0:,.0f} -> {mapped1:,.0f} MB), "
-        f"open fds {fds0} -> {fds1}; load average {loads[0]:.2f} -> {loads[1]:.2f}"
+        f"open fds {fds0} -> {fds1}; load average {loads[0]:.2f} -> {loads[1]:.2f}; "
+        f"client event-loop lag p99 {percentile(run.client_lags_ms, 99):,.0f} ms, "
+        f"max {max(run.client_lags_ms, default=0):,.0f} ms"
     )
     failures = _merged(tallies.values())
     if failures.failures:
@@ -435,7 +474,8 @@ def _merged(tallies: Any) -> Tally:
     merged = Tally()
     for tally in tallies:
         merged.latencies_ms += tally.latencies_ms
-        merged.shed += tally.shed
+        merged.shed_ms += tally.shed_ms
+        merged.server_ms += tally.server_ms
         merged.failures.update(tally.failures)
         for kind, sample in tally.samples.items():
             merged.samples.setdefault(kind, sample)
@@ -471,19 +511,17 @@ def serve_and_load(
             )
             load_before = os.getloadavg()[0]
 
-            tallies, seconds, resources = asyncio.run(
-                run_clients(base, work, operations, args, server.pid)
-            )
+            run = asyncio.run(run_clients(base, work, operations, args, server.pid))
         finally:
             server.terminate()
             server.wait(timeout=60)
     name = "mixed" if args.mixed else args.workload
     print(
         f"\n### {name} workload, {health['products']:,} products (embedded engine), "
-        f"{args.clients} clients, {seconds:.0f} s, {os.cpu_count()} CPUs, "
-        f"client keep-alive {args.client_keepalive:g} s\n"
+        f"{args.clients} clients, {run.seconds:.0f} s, {os.cpu_count()} CPUs, "
+        f"{args.pool} connection pool, client keep-alive {args.client_keepalive:g} s\n"
     )
-    return report(tallies, seconds, resources, args.settle, (load_before, os.getloadavg()[0]))
+    return report(run, args.settle, (load_before, os.getloadavg()[0]))
 
 
 def main() -> None:
@@ -511,6 +549,13 @@ def main() -> None:
         type=float,
         default=5.0,
         help="seconds the clients keep an idle connection (httpx: 5)",
+    )
+    parser.add_argument(
+        "--pool",
+        choices=("shared", "per-client"),
+        default="shared",
+        help="one connection pool for all clients (as a load balancer holds), or one connection "
+        "each (httpx's pool costs O(connections^2) per request: use per-client past ~100)",
     )
     parser.add_argument("--log-level", help="the server's log level (prodsearch serve --log-level)")
     parser.add_argument("--server-log", type=Path, help="keep the server's log here")

@@ -270,9 +270,12 @@ def test_admission_queues_in_order_and_sheds_the_rest() -> None:
             shed = await client.get("/r4")  # the queue is full: answered at once
             assert shed.status_code == 503 and shed.headers["retry-after"] == "1"
             assert "over capacity: 2 requests in progress and 2 waiting" in shed.json()["detail"]
+            assert shed.headers["server-timing"].startswith("queue;dur=")
             assert (await client.get("/health")).status_code == 200  # never held back
             gate.set()
-            assert [r.status_code for r in await asyncio.gather(*waiting)] == [200] * 4
+            answers = await asyncio.gather(*waiting)
+            assert [r.status_code for r in answers] == [200] * 4
+            assert all("total;dur=" in r.headers["server-timing"] for r in answers)
             assert started == ["/r0", "/r1", "/r2", "/r3"]  # first come, first served
             assert admission.active == 0
 

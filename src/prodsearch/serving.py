@@ -11,7 +11,8 @@ several threads at once: no dozens of torch thread pools fighting over a few cor
 tokenizer shared between threads (a Hugging Face one can raise "Already borrowed" then). A lone
 request waits for nothing.
 
-`Admission` bounds the requests in progress and waiting; past that, 503 with Retry-After.
+`Admission` bounds the requests in progress and waiting; past that, 503 with Retry-After; every
+answer it lets through or sheds says in a Server-Timing header how long it waited and took.
 `server_config` is how `prodsearch serve` runs uvicorn: keep-alive and shutdown timeouts from
 the settings.
 """
@@ -21,14 +22,16 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from starlette.datastructures import MutableHeaders
 from starlette.responses import JSONResponse
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from prodsearch.encoders import EncoderInput, EncoderSet, Vector
 from prodsearch.store import (
@@ -233,7 +236,10 @@ class Admission:
         if scope["type"] != "http" or scope["path"] in UNLIMITED_PATHS:
             await self.app(scope, receive, send)
             return
-        if not await self._take_turn():
+        arrived = time.perf_counter()
+        admitted = await self._take_turn()
+        send = _timed(send, arrived, time.perf_counter())
+        if not admitted:
             detail = (
                 f"over capacity: {self.active} requests in progress and {len(self._waiting)} "
                 f"waiting; retry after {RETRY_AFTER_S} s"
@@ -278,6 +284,22 @@ class Admission:
             self._waiting.popleft().set_result(None)
         else:
             self.active -= 1
+
+
+def _timed(send: Send, arrived: float, admitted: float) -> Send:
+    """`send` adding a Server-Timing header to the response: `queue` (the wait for a turn) and
+    `total` (from the request's arrival to its response), in ms. A client's own latency minus
+    `total` is time spent outside this process: the network, or the client itself."""
+
+    async def timed(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            queued_ms = (admitted - arrived) * 1000
+            total_ms = (time.perf_counter() - arrived) * 1000
+            timing = f"queue;dur={queued_ms:.0f}, total;dur={total_ms:.0f}"
+            MutableHeaders(scope=message).append("Server-Timing", timing)
+        await send(message)
+
+    return timed
 
 
 def server_config(
