@@ -40,6 +40,7 @@ import os
 import random
 import re
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -47,6 +48,7 @@ import tempfile
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -300,14 +302,17 @@ async def poll_health(base: str, stop: float, tally: Tally) -> None:
             await asyncio.sleep(HEALTH_EVERY_S)
 
 
-def _client(base: str, connections: int, keepalive_s: float) -> httpx.AsyncClient:
-    """An HTTP client with a pool of up to `connections` keep-alive connections."""
+def _client(
+    base: str, connections: int, keepalive_s: float, tls: ssl.SSLContext
+) -> httpx.AsyncClient:
+    """An HTTP client with a pool of up to `connections` keep-alive connections (`tls`: shared,
+    as httpx would otherwise build one per client, tens of ms each)."""
     limits = httpx.Limits(
         max_connections=connections,
         max_keepalive_connections=connections,
         keepalive_expiry=keepalive_s,
     )
-    return httpx.AsyncClient(base_url=base, limits=limits, timeout=120)
+    return httpx.AsyncClient(base_url=base, limits=limits, timeout=120, verify=tls)
 
 
 @dataclass
@@ -327,21 +332,25 @@ async def run_clients(
 ) -> Run:
     """Run `args.clients` loops drawing operations by weight for the run's duration."""
     tallies = {op.name: Tally() for op in operations} | {"health": Tally()}
-    shared = args.pool == "shared"
-    async with _client(base, args.clients if shared else 1, args.client_keepalive) as client:
+    tls = ssl.create_default_context()
+    if args.pool == "shared":
+        pools = [_client(base, args.clients, args.client_keepalive, tls)]
+    else:
+        pools = [_client(base, 1, args.client_keepalive, tls) for _ in range(args.clients)]
+    async with AsyncExitStack() as opened:
+        for pool in pools:
+            await opened.enter_async_context(pool)
         for query in (work.titles or work.photos)[:WARM_UP_REQUESTS]:
-            (await client.post("/match", json=query)).raise_for_status()
+            (await pools[0].post("/match", json=query)).raise_for_status()
         stop = time.perf_counter() + (args.soak * 60 if args.soak else args.duration)
         weights = [op.weight for op in operations]
 
         async def one_client(seed: int) -> None:
-            rng = random.Random(seed)
-            async with _client(base, 1, args.client_keepalive) as own:
-                while time.perf_counter() < stop:
-                    operation = rng.choices(operations, weights)[0]
-                    tally = tallies[operation.name]
-                    wait = await send(client if shared else own, work, operation, tally, rng)
-                    await asyncio.sleep(wait)
+            rng, client = random.Random(seed), pools[seed % len(pools)]
+            while time.perf_counter() < stop:
+                operation = rng.choices(operations, weights)[0]
+                wait = await send(client, work, operation, tallies[operation.name], rng)
+                await asyncio.sleep(wait)
 
         started = time.perf_counter()
         _, lags, resources, *_ = await asyncio.gather(
