@@ -217,10 +217,12 @@ def test_kept_alive_connections_are_answered_under_load(sample_index: Index) -> 
 
 
 def _timed_match(base: str, title: str) -> tuple[int, float, str | None]:
-    """POST /match on a connection of its own; return the status, seconds and Retry-After."""
-    start = time.perf_counter()
+    """POST /match on a connection of its own; return the status, the time the server says it
+    took (Server-Timing total, ms: the client's own clock would count its thread's start-up and
+    the machine's load) and Retry-After."""
     response = httpx.post(f"{base}/match", json={"title": title}, timeout=60)
-    return response.status_code, time.perf_counter() - start, response.headers.get("retry-after")
+    total_ms = float(response.headers["server-timing"].rsplit("total;dur=", 1)[1])
+    return response.status_code, total_ms, response.headers.get("retry-after")
 
 
 def test_past_capacity_requests_get_503_at_once_and_health_answers(sample_index: Index) -> None:
@@ -234,11 +236,11 @@ def test_past_capacity_requests_get_503_at_once_and_health_answers(sample_index:
             health = pool.submit(httpx.get, f"{base}/health", timeout=60)
             answers = [f.result() for f in sent]
             assert health.result().status_code == 200
-    shed = [seconds for status, seconds, retry in answers if status == 503 and retry == "1"]
-    served = [seconds for status, seconds, _ in answers if status == 200]
+    shed = [total_ms for status, total_ms, retry in answers if status == 503 and retry == "1"]
+    served = [total_ms for status, total_ms, _ in answers if status == 200]
     assert len(shed) + len(served) == len(answers), answers
     assert len(served) >= 4 and len(shed) >= 10, answers
-    assert max(shed) < max(served), answers  # shed at once, not after waiting
+    assert max(shed) < min(500, max(served)), answers  # shed at once, not after waiting
 
 
 def _gated_app(started: list[str], gate: asyncio.Event) -> ASGIApp:
