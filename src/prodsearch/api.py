@@ -3,6 +3,7 @@
 One process serves one open Index: the models load once at startup, and the embedded engine
 (which allows a single opener) is opened once. Encoding and engine calls run in the threadpool;
 concurrent requests' encodings are batched (prodsearch.serving), and writes run one at a time.
+A bounded queue admits the requests (serving.Admission): past it, 503 with Retry-After.
 
 Errors are JSON `{"detail": ...}`: a message naming the field or item and the reason, or, for a
 body that does not fit the schema, FastAPI's list of `{"loc", "msg", "type"}`.
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Annotated, Any, Literal
 
+import anyio
 from fastapi import APIRouter, Depends, FastAPI, File, Form, Request, Response, Security, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import HTTPException, RequestValidationError
@@ -56,7 +58,12 @@ from prodsearch.filters import FilterSpec
 from prodsearch.index import Index, Match
 from prodsearch.ingest import IngestReport, ingest_catalog
 from prodsearch.recipes import Recipe
-from prodsearch.serving import BatchingEncoders, SerializedStore
+from prodsearch.serving import (
+    SPARE_THREADS,
+    Admission,
+    BatchingEncoders,
+    SerializedStore,
+)
 from prodsearch.settings import FusionName, Settings
 from prodsearch.store import open_store
 
@@ -474,7 +481,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
         (409, "The collection was written by other encoders"),
         (413, "Request body too large"),
         (422, "Invalid request: the detail names the field and the reason"),
-        (503, "The engine is unavailable"),
+        (503, "The engine is unavailable, or the server is over capacity (see Retry-After)"),
     )
 }
 router = APIRouter(dependencies=[Depends(_require_api_key)], responses=_ERRORS)
@@ -604,6 +611,10 @@ def create_app(settings: Settings | None = None, index: Index | None = None) -> 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Admission keeps the working requests' threads to max_active_requests; the rest of
+        # the pool is for /health and the docs, which must answer during an overload.
+        threads = anyio.to_thread.current_default_thread_limiter()
+        threads.total_tokens = settings.max_active_requests + SPARE_THREADS
         app.state.service = await run_in_threadpool(Service.open, settings, index)
         try:
             yield
@@ -618,6 +629,12 @@ def create_app(settings: Settings | None = None, index: Index | None = None) -> 
     )
     app.state.settings = settings
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(
+        Admission,
+        max_active=settings.max_active_requests,
+        max_queued=settings.max_queued_requests,
+        queue_timeout_s=settings.queue_timeout_s,
+    )
     handlers: dict[Any, Callable[[Request, Exception], Awaitable[JSONResponse]]] = {
         ProdsearchError: _project_error,
         RequestValidationError: _validation_error,
