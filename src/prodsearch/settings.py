@@ -260,6 +260,12 @@ class Settings(BaseSettings):
     )
     max_request_bytes: int = Field(20_000_000, ge=1, description="Largest API request body.")
     max_batch_products: int = Field(1_000, ge=1, description="Most products per POST /products.")
+    index_after_writes: int = Field(
+        1_000,
+        ge=1,
+        description="Products the API writes before it rebuilds the engine's search index (new "
+        "ones are searched exactly until then).",
+    )
     encode_batch_size: int = Field(
         32, ge=1, description="Concurrent API requests encoded together (1 = one at a time)."
     )

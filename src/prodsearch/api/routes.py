@@ -27,6 +27,8 @@ from prodsearch.api.guards import (
     validation_error,
 )
 from prodsearch.api.schemas import (
+    AssignmentOut,
+    ClusterOut,
     DeleteResponse,
     HealthResponse,
     MatchOut,
@@ -39,10 +41,13 @@ from prodsearch.api.schemas import (
 )
 from prodsearch.api.service import Service, decode_image_base64, public_payload
 from prodsearch.errors import (
+    ConfigError,
     ImageError,
     ProdsearchError,
 )
-from prodsearch.index import Index
+from prodsearch.index import Index, Match
+from prodsearch.matching.assign import Verdict
+from prodsearch.matching.cluster_log import CLUSTER_KEY
 from prodsearch.serving import (
     SPARE_THREADS,
     Admission,
@@ -54,9 +59,26 @@ from prodsearch.settings import Settings
 async def _match(
     service: Service, request: MatchRequest, image: bytes | None, field: str
 ) -> MatchResponse:
-    matches = await run_in_threadpool(service.match, request, image, field)
-    return MatchResponse(
-        matches=[MatchOut(**{**m.as_dict(), "payload": public_payload(m.payload)}) for m in matches]
+    found = await run_in_threadpool(service.match, request, image, field)
+    return MatchResponse(matches=[match_out(m, verdict, request.decide) for m, verdict in found])
+
+
+def match_out(match: Match, verdict: Verdict | None, decided: bool) -> MatchOut:
+    """A match as the API shows it: the engine's scores, the payload without bookkeeping, the
+    stored cluster and, when the decision ran, the catalog's verdict on it (a match outside the
+    candidates the decision reads is "no match", with no probability)."""
+    decision = {}
+    if decided:
+        decision = {
+            "decision": "match" if verdict and verdict.matched else "no match",
+            "probability": verdict.probability if verdict else None,
+            "rule": verdict.rule if verdict else "",
+        }
+    return MatchOut(
+        **{k: v for k, v in match.as_dict().items() if k != "payload"},
+        **decision,
+        cluster_id=match.payload.get(CLUSTER_KEY),
+        payload=public_payload(match.payload),
     )
 
 
@@ -117,9 +139,10 @@ async def upsert_products(
             "(PRODSEARCH_MAX_BATCH_PRODUCTS); send them in several requests",
             "too_long",
         )
-    report = await run_in_threadpool(service.upsert, body.products)
+    report, assignments = await run_in_threadpool(service.upsert, body.products, body.assign)
     rejections = sorted(report.rejections, key=lambda r: r.row)
     return UpsertResponse(
+        assignments=[AssignmentOut(**a.as_dict()) for a in assignments],
         upserted=report.upserted,
         unchanged=report.unchanged,
         rejected=len(rejections),
@@ -142,7 +165,8 @@ async def get_product(product_id: str, service: ServiceDep) -> ProductOut:
     payload = await run_in_threadpool(service.index.get, product_id)
     if payload is None:
         raise HTTPException(404, f"product {product_id!r} not found")
-    return ProductOut(id=product_id, payload=public_payload(payload))
+    cluster = payload.get(CLUSTER_KEY)
+    return ProductOut(id=product_id, cluster_id=cluster, payload=public_payload(payload))
 
 
 @router.delete("/products/{product_id:path}", tags=["products"])
@@ -151,6 +175,16 @@ async def delete_product(product_id: str, service: ServiceDep) -> DeleteResponse
     if not await run_in_threadpool(service.delete, product_id):
         raise HTTPException(404, f"product {product_id!r} not found")
     return DeleteResponse(id=product_id)
+
+
+@router.get("/clusters/{cluster_id}", tags=["clusters"])
+async def get_cluster(cluster_id: str, service: ServiceDep) -> ClusterOut:
+    """A stored product cluster: its members (when each joined) and every recorded change with
+    its evidence (joins, merges, splits, merges proposed for review)."""
+    try:
+        return await run_in_threadpool(service.cluster, cluster_id)
+    except ConfigError as exc:
+        raise HTTPException(404, str(exc)) from exc
 
 
 @public.get("/health", tags=["health"], responses={503: {"model": HealthResponse}})

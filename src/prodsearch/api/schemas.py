@@ -22,9 +22,9 @@ API_FIELDS = Recipe(id="id", title="title", image="image_base64", phash="image_p
 K_MAX = 1_000
 # Payload keys the API does not show: bookkeeping of ingest, and the image's path on the
 # ingesting machine (a server file path is not for clients).
-HIDDEN_PAYLOAD_KEYS = frozenset({"content_hash", "image_path"})
+HIDDEN_PAYLOAD_KEYS = frozenset({"content_hash", "image_path", "cluster_id"})
 _PHASH_PATTERN = r"^[0-9a-fA-F]{16}$"
-_QUIET = Console(stderr=True, quiet=True)
+QUIET = Console(stderr=True, quiet=True)
 
 
 # -- bodies -----------------------------------------------------------------------------------
@@ -54,6 +54,11 @@ class MatchRequest(BaseModel):
         '{"seller": {"not": "x"}}.',
     )
     exclude_ids: list[str] = Field([], max_length=K_MAX, description="Product ids to leave out.")
+    decide: bool = Field(
+        True,
+        description="Beside the engine's scores, the catalog's decision on each match (the "
+        "dedup decision on the query's neighbourhood); false: the engine's scores alone.",
+    )
 
     @field_validator("filter")
     @classmethod
@@ -73,6 +78,14 @@ class MatchOut(BaseModel):
     score: float = Field(description="The fused score (its scale depends on the fusion).")
     scores: dict[str, float] = Field(description="The engine's score of each modality.")
     matched_by: list[str] = Field(description="The modalities whose score reached the threshold.")
+    decision: Literal["match", "no match"] | None = Field(
+        None, description="The catalog's decision: the same product or not (with `decide`)."
+    )
+    probability: float | None = Field(
+        None, description="How sure: the pair model's (calibrated) probability of the same product."
+    )
+    rule: str | None = Field(None, description="What decided (pair model, min-2, ...).")
+    cluster_id: str | None = Field(None, description="The product's stored cluster, if any.")
     payload: dict[str, Any]
 
 
@@ -99,6 +112,11 @@ class ProductBatch(BaseModel):
     """Products to insert or replace (by id)."""
 
     products: list[ProductIn]
+    assign: bool = Field(
+        False,
+        description="Put each new or changed product in a stored product cluster (the dedup "
+        "decision on its neighbourhood), or start one; the answer says which and why.",
+    )
 
 
 class RejectionOut(BaseModel):
@@ -110,6 +128,21 @@ class RejectionOut(BaseModel):
     reason: str
 
 
+class AssignmentOut(BaseModel):
+    """Where an assigned product went, and the evidence."""
+
+    product_id: str
+    cluster_id: str
+    how: Literal["founded", "joined"]
+    matches: list[dict[str, Any]] = Field(
+        description="The matches that decided, most probable first: product id, cluster, "
+        "probability, fused score, each modality's score."
+    )
+    proposed_merges: list[str] = Field(
+        description="Other clusters its matches are in: a merge with each is proposed for review."
+    )
+
+
 class UpsertResponse(BaseModel):
     """What a batch upsert did."""
 
@@ -117,13 +150,35 @@ class UpsertResponse(BaseModel):
     unchanged: int = Field(description="Products already stored exactly so (not rewritten).")
     rejected: int
     rejections: list[RejectionOut]
+    assignments: list[AssignmentOut] = Field(
+        [], description="With `assign`: where each new or changed product went."
+    )
 
 
 class ProductOut(BaseModel):
     """A stored product."""
 
     id: str
+    cluster_id: str | None = Field(None, description="Its stored product cluster, if any.")
     payload: dict[str, Any]
+
+
+class ClusterMemberOut(BaseModel):
+    """A product in a cluster."""
+
+    product_id: str
+    joined_at: str
+    title: str | None = None
+
+
+class ClusterOut(BaseModel):
+    """A stored product cluster: its members and its history."""
+
+    cluster_id: str
+    members: list[ClusterMemberOut]
+    events: list[dict[str, Any]] = Field(
+        description="Every recorded change with its evidence, oldest first."
+    )
 
 
 class DeleteResponse(BaseModel):

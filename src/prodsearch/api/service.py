@@ -11,9 +11,11 @@ from functools import partial
 from typing import Any
 
 from prodsearch.api.schemas import (
-    _QUIET,
     API_FIELDS,
     HIDDEN_PAYLOAD_KEYS,
+    QUIET,
+    ClusterMemberOut,
+    ClusterOut,
     HealthResponse,
     MatchRequest,
     ProductIn,
@@ -27,6 +29,7 @@ from prodsearch.catalog import (
 )
 from prodsearch.encoders import EncoderInput
 from prodsearch.errors import (
+    ConfigError,
     EncoderMismatchError,
     ImageError,
     ProdsearchError,
@@ -34,11 +37,21 @@ from prodsearch.errors import (
 )
 from prodsearch.index import Index, Match
 from prodsearch.ingest import IngestReport, ingest_catalog
+from prodsearch.matching.assign import (
+    Assigner,
+    Assignment,
+    ProductDecider,
+    Verdict,
+    query_verdicts,
+)
+from prodsearch.matching.cluster_log import ClusterLog
+from prodsearch.query import MatchOptions
 from prodsearch.serving import (
     BatchingEncoders,
     SerializedStore,
 )
 from prodsearch.settings import Settings
+from prodsearch.state import state_file
 from prodsearch.store import open_store
 
 
@@ -85,7 +98,8 @@ def product_row(position: int, product: ProductIn) -> CatalogRow:
 
 
 def public_payload(payload: Mapping[str, Any]) -> dict[str, Any]:
-    """Return a stored payload without prodsearch's bookkeeping keys."""
+    """Return a stored payload without prodsearch's bookkeeping keys (the cluster id is shown
+    on its own)."""
     return {k: v for k, v in payload.items() if k not in HIDDEN_PAYLOAD_KEYS}
 
 
@@ -97,6 +111,10 @@ class Service:
     encoders: BatchingEncoders
     owns_store: bool
     write_lock: threading.Lock
+    #: products written since the engine's search index was last built
+    unindexed: int = 0
+    _log: ClusterLog | None = None
+    _decider: ProductDecider | None = None
 
     @classmethod
     def open(cls, settings: Settings, index: Index | None = None) -> Service:
@@ -127,45 +145,112 @@ class Service:
     def close(self) -> None:
         """Stop the encoding worker; close the store when this service opened it."""
         self.encoders.close()
+        if self._log is not None:
+            self._log.close()
         if self.owns_store:
             self.index.close()
 
-    def match(self, request: MatchRequest, image: bytes | None, image_field: str) -> list[Match]:
-        """Encode and match one query."""
+    def cluster_log(self) -> ClusterLog:
+        """The collection's cluster log (opened on first use). Raises ConfigError when the store
+        has no place for it (a server URL without PRODSEARCH_STATE_DIR)."""
+        if self._log is None:
+            self._log = ClusterLog(state_file(self.index.settings, "clusters"))
+        return self._log
+
+    def decider(self) -> ProductDecider:
+        """The dedup decision on one product's neighbourhood (its model loaded on first use)."""
+        if self._decider is None:
+            self._decider = ProductDecider(self.index)
+        return self._decider
+
+    def match(
+        self, request: MatchRequest, image: bytes | None, image_field: str
+    ) -> list[tuple[Match, Verdict | None]]:
+        """Encode and match one query; with `request.decide`, each match's verdict (None: not
+        among the candidates the decision reads)."""
         try:
-            return self.index.match(
-                request.title,
-                image,
-                phash=request.phash,
-                k=request.k,
-                thresholds=request.thresholds,
-                fusion=request.fusion,
-                filter=request.filter,
-                exclude_ids=request.exclude_ids,
-            )
+            vectors = self.index.encode_query(request.title, image, request.phash)
         except ImageError as exc:
             raise ImageError(f"{image_field}: {exc}") from exc
+        options = MatchOptions(
+            request.k,
+            request.thresholds,
+            request.fusion,
+            None,
+            request.filter,
+            request.exclude_ids,
+        )
+        matches = self.index.match_vectors([vectors], options)[0]
+        verdicts: dict[str, Verdict] = {}
+        if request.decide and matches:
+            verdicts = query_verdicts(self.decider(), vectors, {"title": request.title or ""})
+        return [(m, verdicts.get(m.product_id)) for m in matches]
 
-    def upsert(self, products: list[ProductIn]) -> IngestReport:
-        """Validate, encode and upsert products; bad ones are reported, never stored."""
+    def upsert(
+        self, products: list[ProductIn], assign: bool = False
+    ) -> tuple[IngestReport, list[Assignment]]:
+        """Validate, encode and upsert products (bad ones are reported, never stored); with
+        `assign`, put each new or changed one in the stored clusters. The engine's search index
+        is rebuilt once `index_after_writes` products were written since the last build (every
+        write rebuilding it piled up segments under a stream of small writes)."""
         rows, rejections = collect_rows(
             ((i, partial(product_row, i, p)) for i, p in enumerate(products)), API_FIELDS.id
         )
         catalog = Catalog(path=None, rows=rows, rejections=rejections, rows_read=len(products))
+        assignments: list[Assignment] = []
         with self.write_lock:
+            after_batch = None
+            if assign:
+                assigner = Assigner(self.index, self.cluster_log(), self.decider())
+                after_batch = lambda ids: assignments.extend(assigner.assign_pending(ids))  # noqa: E731
             # Encoded in chunks of one encoding batch, so that the matches queued meanwhile get
             # their turn between chunks instead of waiting for the whole upsert.
-            return ingest_catalog(
-                self.index, catalog, console=_QUIET, batch_size=self.encoders.max_batch
+            report = ingest_catalog(
+                self.index,
+                catalog,
+                console=QUIET,
+                batch_size=self.encoders.max_batch,
+                after_batch=after_batch,
+                build_index=False,
             )
+            self.unindexed += report.upserted
+            if self.unindexed >= self.index.settings.index_after_writes:
+                self.index.build()
+                self.unindexed = 0
+        return report, assignments
 
     def delete(self, product_id: str) -> bool:
-        """Delete a product; return False when it is absent."""
+        """Delete a product (and take it out of its stored cluster); return False when it is
+        absent."""
         with self.write_lock:
             if self.index.get(product_id) is None:
                 return False
             self.index.delete([product_id])
+            if state_file(self.index.settings, "clusters").is_file():
+                self.cluster_log().leave([product_id], "deleted")
             return True
+
+    def cluster(self, cluster_id: str) -> ClusterOut:
+        """A stored cluster's members (with their titles) and history. Raises ConfigError when
+        there is no such cluster."""
+        log = self.cluster_log()
+        members, events = log.members(cluster_id), log.events(cluster_id)
+        if not members and not events:
+            raise ConfigError(f"no cluster {cluster_id!r} is stored")
+        titles = {
+            p.product_id: p.payload.get("title")
+            for p in self.index.products([m.product_id for m in members])
+        }
+        return ClusterOut(
+            cluster_id=cluster_id,
+            members=[
+                ClusterMemberOut(
+                    product_id=m.product_id, joined_at=m.joined_at, title=titles.get(m.product_id)
+                )
+                for m in members
+            ],
+            events=[e.as_dict() for e in events],
+        )
 
     def health(self) -> HealthResponse:
         """Check the engine, the collection and the encoders it was written by."""
