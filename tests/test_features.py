@@ -16,7 +16,13 @@ from prodsearch.matching.features import (
     symmetric,
     title_numbers,
 )
-from prodsearch.matching.relative import CODE_FEATURES, code_features, title_codes
+from prodsearch.matching.relative import (
+    CODE_FEATURES,
+    CatalogStats,
+    code_features,
+    title_codes,
+    token_features,
+)
 from prodsearch.matching.table import PairTable
 
 
@@ -42,7 +48,10 @@ HAND_MADE_TITLES = ["Oat drink 500ml", "oat drink 500 ml x2", "phone case", "cas
 
 def hand_made_features() -> dict[str, np.ndarray]:
     features = pair_features(
-        hand_made_table(), dense={"text": HAND_MADE_TEXT}, titles=HAND_MADE_TITLES
+        hand_made_table(),
+        dense={"text": HAND_MADE_TEXT},
+        titles=HAND_MADE_TITLES,
+        stats=CatalogStats.of(HAND_MADE_TITLES),
     )
     return {name: features[:, i] for i, name in enumerate(feature_names())}
 
@@ -163,3 +172,44 @@ def test_blending_changes_dense_vectors_only_as_specified() -> None:
     # the feature and the fusion path use the same blend
     matrix = np.array([[1, 0], [0, 1], [0.6, 0.8]], dtype=np.float32)
     np.testing.assert_allclose(blend(table, "text", matrix, selected)[0], expected_a, rtol=1e-6)
+
+
+def test_token_features_and_catalog_statistics() -> None:
+    titles = [
+        "Adobe Photoshop CS3 upgrade",
+        "adobe photoshop cs3",
+        "Adobe Photoshop CS3 academic",
+        "TL-SF1008D switch 8 port",
+        "TP-Link TL-SF1008D",
+    ]
+    stats = CatalogStats.of(titles)
+    assert stats.titles == 5 and stats.document_frequency["photoshop"] == 3
+    # one strong code (tlsf1008d, two titles): each shares it with one other title
+    assert stats.code_multiplicity == 1.0 and stats.coded_share == 0.4
+    assert stats.idf("upgrade") > stats.idf("photoshop") > 0
+    features = token_features(titles, np.array([0, 1, 3]), np.array([1, 2, 4]), stats)
+    column = dict(
+        zip(
+            (
+                "fraction_min",
+                "fraction_max",
+                "mass_min",
+                "mass_max",
+                "jaccard",
+                "rarest_min",
+                "rarest_max",
+                "subset",
+                "length",
+                "numbers_subset",
+            ),
+            features.T,
+            strict=True,
+        )
+    )
+    # "upgrade" is the only word 0 has and 1 lacks; 1's words are a subset of 0's
+    assert column["mass_min"][0] == 0 and column["mass_max"][0] == pytest.approx(
+        stats.idf("upgrade")
+    )
+    assert column["subset"].tolist() == [1, 1, 0]  # "tp-link" and "switch 8 port" differ
+    assert column["rarest_max"][1] == pytest.approx(stats.idf("academic"))
+    assert 0 < column["jaccard"][2] < 1

@@ -1,15 +1,21 @@
-"""Fitting the pair model on several labelled catalogs, so that it decides catalogs it never saw.
+"""Fitting the pair model on several labelled sources, so that it decides catalogs it never saw.
 
-A labelled catalog is ingested into its own collection, its candidate-pair table collected with
-the default search, its features computed and its pairs labelled:
-- by **groups** (Shopee's `label_group`): a pair is the same product when both share a group;
-  only the pairs of the catalog's own products (not distractors) are fitted on;
-- by **pair labels** (the product_pairs sets): labelled pairs keep their label; pairs inside
-  one chain of positive labels (connected components) are the same product; the other,
-  unlabelled candidate pairs count as different products with a lower weight
-  (`UNLABELLED_WEIGHT`), since most are, but not every one.
-Each catalog weighs the same in the fit, whatever its size. Folds are group-disjoint across
-catalogs (a chain of positives, or a label group, never straddles two folds).
+A source is one labelled catalog family (Shopee; each product_pairs set). Its fit catalogs come
+in two structures, so the model meets several "offers per product" regimes (README, Transfer):
+- Shopee: `val` with `train` groups as distractors (groups of 2-50 listings), and `val` cut to
+  at most 2 listings per group (one listing per product and source, like a two-shop catalog);
+- a product_pairs set: every record of its `train.txt` (pair labels: labelled pairs keep their
+  label, pairs inside one chain of positive labels are the same product, the other candidate
+  pairs are not fitted on), and the records of its positive pairs alone (every candidate pair
+  labelled by the chains: a mostly-pairs catalog).
+Each catalog is ingested into its own collection, its candidate-pair table collected with the
+default search and cut to each product's `MODEL_CANDIDATES` best, its features computed with
+its own statistics. Each catalog weighs the same in the fit, whatever its size; folds are
+group-disjoint across catalogs.
+
+The operating point (minimum probability) is chosen the way it will be used, on catalogs the
+model did not see: leaving each source out in turn, a model fitted on the others decides it,
+and the threshold with the best mean F1 over the held-out sources is kept.
 """
 
 from __future__ import annotations
@@ -27,17 +33,17 @@ from prodsearch.eval.tuning import LabelledTable
 from prodsearch.index import Index, Product
 from prodsearch.ingest import ingest_catalog
 from prodsearch.labels import PairLabel, label_groups, read_pair_file
-from prodsearch.matching import decide
 from prodsearch.matching.candidates import collect_candidates
 from prodsearch.matching.dedup import default_search
 from prodsearch.matching.features import table_features
-from prodsearch.matching.pair_model import PairModel, TrainingSet
+from prodsearch.matching.pair_model import MODEL_CANDIDATES, PairModel, TrainingSet
 from prodsearch.matching.table import PairTable
 
-#: the weight of an unlabelled candidate pair of a pair-labelled catalog (fitted as different)
-UNLABELLED_WEIGHT = 0.3
-#: minimum probabilities the decision threshold is chosen from
-THRESHOLD_GRID = np.round(np.arange(0.1, 0.91, 0.02), 3)
+#: minimum probabilities the operating point is chosen from
+THRESHOLD_GRID = np.round(np.arange(0.05, 0.91, 0.05), 3)
+#: the product_pairs sets (../shared/data/product_pairs)
+PAIR_SOURCES = ("wdc_computers", "wdc_cameras", "amazon_google")
+SOURCES = ("shopee", *PAIR_SOURCES)
 
 
 @dataclass
@@ -59,21 +65,9 @@ class LabelledCollection:
         return self.queries or {p.product_id for p in self.products}
 
 
-def ingest_labelled(
-    index: Index, name: str, rows: Sequence[CatalogRow], console: Console | None = None
-) -> list[Product]:
-    """Ingest a labelled catalog's rows into `index` (a fresh collection); return its products
-    with their vectors, in the rows' order."""
-    catalog = Catalog(path=None, rows=list(rows), rows_read=len(rows))
-    ingest_catalog(index, catalog, console=console or Console(stderr=True, quiet=True))
-    ids = [r.product_id for r in rows]
-    stored = {p.product_id: p for p in index.products(ids, with_vectors=True)}
-    return [stored[pid] for pid in ids if pid in stored]
-
-
 @dataclass
 class Labelled:
-    """One catalog's candidate table, features and labels, ready to fit on and to score."""
+    """One catalog's candidate table (each product's best candidates), features and labels."""
 
     name: str
     table: PairTable
@@ -95,27 +89,22 @@ class Labelled:
         (a pair predicted same when either direction is matched)."""
         collection = self.collection
         if collection.labels is None:
-            labelled = LabelledTable.from_groups(
-                self.table, dict(collection.groups or {}), collection.scored()
-            )
-            return labelled.f1(matched)
-        ids = self.table.ids
-        predicted = {
-            frozenset((ids[a], ids[b]))
-            for a, b in zip(
-                self.table.a[matched].tolist(), self.table.b[matched].tolist(), strict=True
-            )
-        }
+            groups = dict(collection.groups or {})
+            return LabelledTable.from_groups(self.table, groups, collection.scored()).f1(matched)
+        ids, table = self.table.ids, self.table
+        a, b = table.a[matched].tolist(), table.b[matched].tolist()
+        predicted = {frozenset((ids[i], ids[j])) for i, j in zip(a, b, strict=True)}
         labels = [(x.id_a, x.id_b, x.same) for x in collection.labels]
         return pair_scores(predicted, labels).f1
 
 
 def label_collection(collection: LabelledCollection) -> Labelled:
-    """Collect the collection's candidates with the default search, compute their features and
-    label them (see the module docstring)."""
+    """Collect the collection's candidates with the default search, keep each product's best
+    `MODEL_CANDIDATES`, compute their features and label them (module docstring)."""
     table = collect_candidates(
         collection.index, collection.products, default_search(collection.index)
     )
+    table, _ = table.top(MODEL_CANDIDATES)
     features = table_features(table, collection.products)
     ids = table.ids
     scored = np.array([pid in collection.scored() for pid in ids])[table.a]
@@ -123,15 +112,8 @@ def label_collection(collection: LabelledCollection) -> Labelled:
         group = np.array([collection.groups[pid] for pid in ids])  # type: ignore[index]
         codes = np.unique(group, return_inverse=True)[1]
         same = (group[table.a] == group[table.b]).astype(np.float64)
-        return Labelled(
-            collection.name,
-            table,
-            features,
-            same,
-            scored.astype(np.float64),
-            codes[table.a],
-            collection,
-        )
+        weight = scored.astype(np.float64)
+        return Labelled(collection.name, table, features, same, weight, codes[table.a], collection)
     components = np.array(list(label_groups(ids, collection.labels).values()))
     same, weight = _pair_labels(table, collection.labels, components)
     return Labelled(
@@ -142,13 +124,12 @@ def label_collection(collection: LabelledCollection) -> Labelled:
 def _pair_labels(
     table: PairTable, labels: Sequence[PairLabel], components: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Each pair's label and weight: labelled pairs as labelled (weight 1), pairs in one chain of
-    positives same (weight 1), the rest different (UNLABELLED_WEIGHT)."""
+    """Each pair's label and weight: labelled pairs as labelled, pairs inside one chain of
+    positives the same product (weight 1); the others unknown (weight 0, not fitted on)."""
     a, b = table.a, table.b
     sizes = np.bincount(components)
     chained = (components[a] == components[b]) & (sizes[components[a]] > 1)
-    same = chained.astype(np.float64)
-    weight = np.where(chained, 1.0, UNLABELLED_WEIGHT)
+    same, weight = chained.astype(np.float64), chained.astype(np.float64)
     position = {pid: i for i, pid in enumerate(table.ids)}
     answer = {frozenset((position[x.id_a], position[x.id_b])): x.same for x in labels}
     for row, (i, j) in enumerate(zip(a.tolist(), b.tolist(), strict=True)):
@@ -158,77 +139,122 @@ def _pair_labels(
     return same, weight
 
 
-def fit_pair_model(
-    catalogs: Sequence[Labelled], stages: int | None = None
-) -> tuple[PairModel, float, dict[str, float]]:
-    """Fit the pair model on every catalog (each weighing the same) and choose its minimum
-    probability: the one with the best mean F1 over the catalogs, on out-of-fold
-    probabilities. Returns the model, the minimum and each catalog's out-of-fold F1 there."""
+def fit_model(catalogs: Sequence[Labelled]) -> PairModel:
+    """The pair model fitted on every catalog, each weighing the same."""
     sets, offset = [], 0
     for catalog in catalogs:
         sets.append(catalog.training_set(offset))
         offset += int(catalog.groups.max()) + 1 if len(catalog.groups) else 0
-    model, probabilities = (
-        PairModel.fit(sets) if stages is None else PairModel.fit(sets, stages=stages)
-    )
-    scores = {
-        t: [c.f1(p >= t) for c, p in zip(catalogs, probabilities, strict=True)]
-        for t in THRESHOLD_GRID
-    }
-    best = float(max(THRESHOLD_GRID, key=lambda t: float(np.mean(scores[t]))))
-    return model, best, {c.name: f for c, f in zip(catalogs, scores[best], strict=True)}
+    return PairModel.fit(sets)[0]
+
+
+def held_out_f1(model: PairModel, catalogs: Sequence[Labelled]) -> np.ndarray:
+    """The mean F1 over `catalogs` (which the model did not see) at each THRESHOLD_GRID value."""
+    curves = []
+    for catalog in catalogs:
+        probability = model.probabilities(catalog.table, catalog.features)
+        curves.append([catalog.f1(probability >= t) for t in THRESHOLD_GRID])
+    return np.mean(curves, axis=0)
+
+
+def fit_pair_model(
+    sources: Mapping[str, Sequence[Labelled]], console: Console | None = None
+) -> tuple[PairModel, float, dict[str, float]]:
+    """The pair model fitted on every source's catalogs, and its operating point: leaving each
+    source out in turn, the threshold with the best mean F1 over the held-out sources. Returns
+    the model, the minimum probability and each held-out source's F1 there."""
+    console = console or Console(stderr=True, quiet=True)
+    curves = {}
+    for held in sources:
+        console.print(f"operating point: {held} held out")
+        rest = [c for name, group in sources.items() if name != held for c in group]
+        curves[held] = held_out_f1(fit_model(rest), sources[held])
+    best = int(np.argmax(np.mean(list(curves.values()), axis=0)))
+    console.print("fitting on every source")
+    model = fit_model([c for group in sources.values() for c in group])
+    return model, float(THRESHOLD_GRID[best]), {s: float(c[best]) for s, c in curves.items()}
 
 
 def decided(catalog: Labelled, model: PairModel, min_probability: float) -> np.ndarray:
     """The pairs the model decides match in a catalog it was not fitted on (no min-2)."""
     probability = model.probabilities(catalog.table, catalog.features)
-    decide.record(catalog.table, probability >= min_probability, "pair model", probability)
-    return catalog.table.matched()
+    return probability >= min_probability
 
 
-#: the product_pairs catalogs (../shared/data/product_pairs)
-PAIR_CATALOGS = ("wdc_computers", "wdc_cameras", "amazon_google")
-CATALOGS = ("shopee", *PAIR_CATALOGS)
+# -- the shared data's catalogs -----------------------------------------------------------------
+def ingest_labelled(
+    index: Index, rows: Sequence[CatalogRow], console: Console | None = None
+) -> list[Product]:
+    """Ingest a labelled catalog's rows into `index` (its own collection; a re-run skips what
+    is stored); return its products with their vectors, in the rows' order."""
+    catalog = Catalog(path=None, rows=list(rows), rows_read=len(rows))
+    ingest_catalog(index, catalog, console=console or Console(stderr=True, quiet=True))
+    ids = [r.product_id for r in rows]
+    stored = {p.product_id: p for p in index.products(ids, with_vectors=True)}
+    return [stored[pid] for pid in ids if pid in stored]
 
 
-def open_catalog(
-    data: Path,
-    name: str,
-    part: str,
-    store: Index,
-    console: Console | None = None,
-) -> LabelledCollection:
-    """A labelled catalog of the shared data in its own collection of `store`'s store (reused
-    when a previous run ingested it: ingest skips unchanged products).
+def open_source(
+    data: Path, name: str, part: str, store: Index, console: Console | None = None
+) -> list[LabelledCollection]:
+    """A source's catalogs of the shared data, each in its own collection of `store`'s store.
 
-    `part` "fit" is what learned parts are fitted on: Shopee `val` (with `train` groups as
-    distractors, up to the test catalog's size), a product_pairs set's `train.txt`; "eval" is
-    what is only scored: Shopee `test`, a set's `valid.txt`.
-    """
+    `part` "fit": what learned parts are fitted on (module docstring); "eval": what is only
+    scored (Shopee `test`, a set's `valid.txt`)."""
     console = console or Console(stderr=True, quiet=True)
-    collection = f"{name}-{part}"
-    index = Index(store.store, collection, store.settings, store.encoders)
     if name == "shopee":
-        from prodsearch.catalog import read_catalog
-        from prodsearch.eval.shopee import prepare_split, read_splits
-        from prodsearch.recipes import load_recipe
+        return _shopee(data, part, store, console)
+    folder = data / "product_pairs" / name
+    rows, labels = read_pair_file(folder / f"{'train' if part == 'fit' else 'valid'}.txt")
+    out = [_pair_collection(store, f"{name}-{part}", rows, labels, console)]
+    if part == "fit":
+        positive = {x for label in labels if label.same for x in (label.id_a, label.id_b)}
+        chained = [r for r in rows if r.product_id in positive]
+        kept = [x for x in labels if x.id_a in positive and x.id_b in positive]
+        out.append(_pair_collection(store, f"{name}-fit-pairs", chained, kept, console))
+    return out
 
-        catalog = read_catalog(data / "shopee" / "train.csv", load_recipe("shopee"))
-        splits = read_splits(data / "shopee" / "split.csv")
-        size = sum(1 for s in splits.values() if s == "test")
-        split = "val" if part == "fit" else "test"
-        prepared = prepare_split(
-            index, catalog, splits, split, "label_group", console, size if part == "fit" else 0
-        )
-        return LabelledCollection(
-            collection,
-            prepared.index,
-            prepared.products,
-            groups=prepared.groups,
-            queries=set(prepared.ids),
-        )
-    rows, labels = read_pair_file(
-        data / "product_pairs" / name / f"{'train' if part == 'fit' else 'valid'}.txt"
+
+def _pair_collection(
+    store: Index, name: str, rows: list[CatalogRow], labels: list[PairLabel], console: Console
+) -> LabelledCollection:
+    index = Index(store.store, name, store.settings, store.encoders)
+    return LabelledCollection(name, index, ingest_labelled(index, rows, console), labels=labels)
+
+
+def _shopee(data: Path, part: str, store: Index, console: Console) -> list[LabelledCollection]:
+    from prodsearch.catalog import read_catalog
+    from prodsearch.eval.shopee import prepare_split, read_splits
+    from prodsearch.recipes import load_recipe
+
+    catalog = read_catalog(data / "shopee" / "train.csv", load_recipe("shopee"))
+    splits = read_splits(data / "shopee" / "split.csv")
+    if part != "fit":
+        test = prepare_split(store, catalog, splits, "test", "label_group", console)
+        return [_split_collection("shopee-eval", test)]
+    size = sum(1 for s in splits.values() if s == "test")
+    val = prepare_split(store, catalog, splits, "val", "label_group", console, size)
+    pairs: dict[str, int] = {}
+    two = []
+    for row in (r for r in catalog.rows if splits.get(r.product_id) == "val"):
+        group = str(row.payload["label_group"])
+        if pairs.get(group, 0) < 2:
+            pairs[group] = pairs.get(group, 0) + 1
+            two.append(row)
+    index = Index(store.store, "shopee-fit-pairs", store.settings, store.encoders)
+    products = ingest_labelled(index, two, console)
+    groups = {r.product_id: r.payload["label_group"] for r in two}
+    return [
+        _split_collection("shopee-fit", val),
+        LabelledCollection("shopee-fit-pairs", index, products, groups=groups),
+    ]
+
+
+def _split_collection(name: str, split: object) -> LabelledCollection:
+    return LabelledCollection(
+        name,
+        split.index,  # type: ignore[attr-defined]
+        split.products,  # type: ignore[attr-defined]
+        groups=split.groups,  # type: ignore[attr-defined]
+        queries=set(split.ids),  # type: ignore[attr-defined]
     )
-    products = ingest_labelled(index, collection, rows, console)
-    return LabelledCollection(collection, index, products, labels=labels)

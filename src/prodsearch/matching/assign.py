@@ -24,8 +24,9 @@ from prodsearch.matching import decide
 from prodsearch.matching.candidates import Neighbourhood, neighbourhood
 from prodsearch.matching.cluster_log import CLUSTER_KEY, ClusterLog, new_cluster_id
 from prodsearch.matching.dedup import decide_by_pair_model, default_search
-from prodsearch.matching.features import NEIGHBOURS
+from prodsearch.matching.features import NEIGHBOURS, product_titles
 from prodsearch.matching.pair_model import PairModel
+from prodsearch.matching.relative import CatalogStats
 from prodsearch.settings import DedupSettings, SearchSettings
 
 #: how many of a product's best candidates have their own candidates read (their pairs with the
@@ -67,6 +68,9 @@ class ProductDecider:
             if self.knobs.decider == "pair-model"
             else None
         )
+        #: the whole catalog's statistics (the features of a neighbourhood's pairs read them)
+        self.stats: CatalogStats | None = None
+        self._stats_size = 0
 
     def verdicts(self, product: Product, stored: bool = True) -> list[Verdict]:
         """The verdicts on the product's `DEPTH` best candidates, most probable first (a query
@@ -111,7 +115,16 @@ class ProductDecider:
                 ranking = np.where(eligible, table.fused, -np.inf)
                 decide.record_min2(table, ranking, self.knobs.fusion.min2_min_fused_score)
             return
-        decide_by_pair_model(table, self._products(found), self.model, self.knobs, eligible)
+        products = self._products(found)
+        decide_by_pair_model(table, products, self.model, self.knobs, eligible, self._stats())
+
+    def _stats(self) -> CatalogStats:
+        """The catalog's statistics, gathered again once it grew by a tenth since."""
+        size = self.index.count()
+        if self.stats is None or size > 1.1 * self._stats_size:
+            titles = product_titles(list(self.index.scroll(with_vectors=False)))
+            self.stats, self._stats_size = CatalogStats.of(titles), size
+        return self.stats
 
     def _products(self, found: Neighbourhood) -> list[Product]:
         """Every product of the table with its payload; with its vectors where its blended

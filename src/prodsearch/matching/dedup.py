@@ -29,7 +29,8 @@ from prodsearch.matching.calibrate import calibrated
 from prodsearch.matching.candidates import RelativeFilters, collect_candidates
 from prodsearch.matching.clusters import table_clusters
 from prodsearch.matching.features import table_features
-from prodsearch.matching.pair_model import PairModel
+from prodsearch.matching.pair_model import MODEL_CANDIDATES, PairModel
+from prodsearch.matching.relative import CatalogStats
 from prodsearch.matching.table import PairTable
 from prodsearch.settings import MODALITIES, DedupSettings, SearchSettings
 
@@ -132,12 +133,17 @@ def decide_by_pair_model(
     model: PairModel,
     knobs: DedupSettings,
     eligible: np.ndarray | None = None,
+    stats: CatalogStats | None = None,
 ) -> None:
-    """The pair model's probabilities (calibrated to the catalog when it has a calibration),
-    its decision and min-2 on the probabilities; pairs not `eligible` (default: all are) are
-    scored, and count in their neighbours' graph features, but never match."""
+    """The pair model's probabilities of each product's `MODEL_CANDIDATES` best candidates (the
+    others get 0), calibrated to the catalog when it has a calibration; its decision and min-2 on
+    the probabilities. Pairs not `eligible` (default: all are) are scored, and count in their
+    neighbours' graph features, but never match. `stats`: the whole catalog's (default: of
+    `products`, when they are the whole catalog)."""
     pair = knobs.pair_model
-    probability = model.probabilities(table, table_features(table, products))
+    top, rows = table.top(MODEL_CANDIDATES)
+    probability = np.zeros(len(table))
+    probability[rows] = model.probabilities(top, table_features(top, products, stats))
     if pair.calibration is not None:
         probability = calibrated(probability, pair.calibration)
     if eligible is not None:

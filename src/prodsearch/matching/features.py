@@ -7,6 +7,12 @@ catalogs decides on another (README, "Transfer"):
   in the catalog, the density of each side's top (`relative.signal_features`);
 - the titles' model codes (`relative.code_features`) and numbers (`numbers_jaccard` of the two
   titles' number sets, -1 when either has none; `numbers_disjoint`; `numbers_one_sided`);
+- the words one title has and the other lacks, weighted by their IDF in the catalog
+  (`relative.token_features`: "upgrade", "academic", "extended" tell editions apart);
+- the catalog's structure, label-free (`relative.CatalogStats`): how many other titles share a
+  strong model code with a coded title (many offers per product, or one listing per product and
+  source) and how many titles have one; the same for every pair of a catalog, it moves the
+  decision between "a rank-5 candidate may be another offer" and "only the best one is";
 - `neighbours_jaccard`: the overlap of the two products' neighbourhoods (each product and its
   `NEIGHBOURS` best candidates by fused score);
 - `blended_<m>` for each blended modality: the cosine of the two products' blended vectors
@@ -30,11 +36,16 @@ import scipy.sparse as sp
 from prodsearch.index import Product
 from prodsearch.matching.blend import blend, dense_matrix
 from prodsearch.matching.relative import (
+    CATALOG_FEATURES,
     CODE_FEATURES,
     SIGNALS,
+    TOKEN_FEATURES,
+    CatalogStats,
+    catalog_features,
     code_features,
     signal_features,
     signal_names,
+    token_features,
 )
 from prodsearch.matching.table import PairTable
 
@@ -68,6 +79,8 @@ def feature_names(stage: int = 1) -> list[str]:
         *(name for signal in SIGNALS for name in signal_names(signal)),
         *CODE_FEATURES,
         *NUMBER_FEATURES,
+        *TOKEN_FEATURES,
+        *CATALOG_FEATURES,
         "neighbours_jaccard",
         *(f"blended_{m}" for m in MODEL_BLENDED),
         *(STAGE_FEATURES if stage > 1 else ()),
@@ -79,26 +92,39 @@ def title_numbers(title: str) -> frozenset[str]:
     return frozenset(_NUMBER.findall(title.lower()))
 
 
-def table_features(table: PairTable, products: Sequence[Product]) -> np.ndarray:
+def product_titles(products: Sequence[Product]) -> list[str]:
+    """Each product's title ("" when it has none)."""
+    return [str(p.payload.get("title") or "") for p in products]
+
+
+def table_features(
+    table: PairTable, products: Sequence[Product], stats: CatalogStats | None = None
+) -> np.ndarray:
     """`pair_features` of the table, with the dense vectors and titles read off `products`
-    (every product the table names, in any order)."""
+    (every product the table names, in any order) and the statistics of the whole catalog
+    (default: of `products`, when they are the whole catalog)."""
     by_id = {p.product_id: p for p in products}
     ordered = [by_id[pid] for pid in table.ids]
     present = {m for p in ordered for m in p.vectors}
     return pair_features(
         table,
         dense={m: dense_matrix(ordered, m) for m in MODEL_BLENDED if m in present},
-        titles=[str(p.payload.get("title") or "") for p in ordered],
+        titles=product_titles(ordered),
+        stats=stats or CatalogStats.of(product_titles(products)),
     )
 
 
 def pair_features(
-    table: PairTable, *, dense: Mapping[str, np.ndarray], titles: Sequence[str]
+    table: PairTable,
+    *,
+    dense: Mapping[str, np.ndarray],
+    titles: Sequence[str],
+    stats: CatalogStats,
 ) -> np.ndarray:
     """The feature matrix: one row per pair, columns `feature_names()`, NaN where a signal is
     missing. `dense[m]` holds each product's vector of modality m (rows in `table.ids` order,
     zeros where a product has none; a modality absent from `dense` is missing); `titles` each
-    product's title ("" when it has none)."""
+    product's title ("" when it has none); `stats` the whole catalog's."""
     a, b = table.a, table.b
     columns = [signal_features(table, signal) for signal in SIGNALS]
     columns.append(code_features(titles, a, b))
@@ -109,6 +135,8 @@ def pair_features(
             -1, len(NUMBER_FEATURES)
         )
     )
+    columns.append(token_features(titles, a, b, stats))
+    columns.append(catalog_features(stats, len(table)))
     rank = pd.Series(table.fused).groupby(a).rank(ascending=False, method="first").to_numpy()
     close = rank <= NEIGHBOURS
     columns.append(_neighbour_jaccard(table, close)[:, None])

@@ -27,10 +27,12 @@ from prodsearch.matching.features import feature_names, stage_features, symmetri
 from prodsearch.matching.table import PairTable
 
 SHIPPED_PAIR_MODEL = Path(__file__).resolve().parents[1] / "assets" / "pair_model.json"
-MODEL_FORMAT = "prodsearch pair model 3"
-#: stages of the stacked model and out-of-fold folds of its fit (chosen on Shopee val: README)
-STAGES = 3
-FOLDS = 5
+MODEL_FORMAT = "prodsearch pair model 4"
+#: stages of the stacked model and out-of-fold folds of its fit
+STAGES = 2
+FOLDS = 3
+#: each product's best candidates (by fused score) the model scores; the others never match
+MODEL_CANDIDATES = 20
 #: LightGBM parameters of the fit (fixed seed, deterministic on any thread count)
 LGBM_PARAMS = {
     "objective": "binary",
@@ -42,7 +44,7 @@ LGBM_PARAMS = {
     "force_row_wise": True,
     "verbose": -1,
 }
-LGBM_ROUNDS = 200
+LGBM_ROUNDS = 150
 
 
 @dataclass

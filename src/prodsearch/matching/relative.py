@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -186,3 +187,120 @@ def _code_pair(mine: frozenset[str], theirs: frozenset[str]) -> tuple[float, ...
         )
     disjoint = float(not shared and not partial)
     return 1.0, float(shared > 0), disjoint, 0.0, shared / len(mine | theirs), partial
+
+
+# -- the catalog's own statistics ---------------------------------------------------------------
+_WORD = re.compile(r"[a-z0-9]+(?:[.\-][a-z0-9]+)*")
+#: token-difference features (IDF from the catalog's own titles)
+TOKEN_FEATURES = (
+    "tokens_only_fraction_min",
+    "tokens_only_fraction_max",
+    "tokens_only_mass_min",
+    "tokens_only_mass_max",
+    "tokens_weighted_jaccard",
+    "tokens_rarest_only_min",
+    "tokens_rarest_only_max",
+    "tokens_subset",
+    "tokens_length_difference",
+    "numbers_subset",
+)
+#: the catalog's structure, the same for every pair of it
+CATALOG_FEATURES = ("catalog_code_multiplicity", "catalog_coded_share")
+
+
+def title_words(title: str) -> frozenset[str]:
+    """A title's lower-cased word tokens (`sf1008d`, `1.5l`, `kdl-46v5100` kept whole)."""
+    return frozenset(_WORD.findall(title.lower()))
+
+
+def strong_codes(codes: frozenset[str]) -> frozenset[str]:
+    """The model codes of 4+ characters with 2+ digits (`cs3`, `x4`, `80d` are too common to
+    identify a product)."""
+    return frozenset(c for c in codes if len(c) >= 4 and sum(ch.isdigit() for ch in c) >= 2)
+
+
+@dataclass(frozen=True)
+class CatalogStats:
+    """Label-free statistics of a whole catalog, from its titles: how common each word is (the
+    IDF of the token features) and how many offers a product has, read off the model codes
+    titles share (`code_multiplicity`: among titles with a strong code, the mean number of other
+    titles sharing one; about 5 in a web-shop offer catalog with many offers per product, under 1
+    in a catalog of one listing per product and source)."""
+
+    titles: int
+    document_frequency: dict[str, int]
+    code_multiplicity: float
+    coded_share: float
+
+    @classmethod
+    def of(cls, titles: Sequence[str]) -> CatalogStats:
+        """The statistics of a catalog's titles."""
+        frequency: dict[str, int] = {}
+        for words in (title_words(t) for t in titles):
+            for word in words:
+                frequency[word] = frequency.get(word, 0) + 1
+        codes = [strong_codes(title_codes(t)) for t in titles]
+        holders: dict[str, set[int]] = {}
+        for i, mine in enumerate(codes):
+            for code in mine:
+                holders.setdefault(code, set()).add(i)
+        shared = [
+            len(set().union(*(holders[c] for c in mine)) - {i})
+            for i, mine in enumerate(codes)
+            if mine
+        ]
+        return cls(
+            titles=len(titles),
+            document_frequency=frequency,
+            code_multiplicity=float(np.mean(shared)) if shared else 0.0,
+            coded_share=float(np.mean([bool(c) for c in codes])) if codes else 0.0,
+        )
+
+    def idf(self, word: str) -> float:
+        """The word's inverse document frequency in the catalog (smoothed; unseen words rare)."""
+        return float(np.log((self.titles + 1) / (self.document_frequency.get(word, 0) + 1)) + 1)
+
+
+def token_features(
+    titles: Sequence[str], a: np.ndarray, b: np.ndarray, stats: CatalogStats
+) -> np.ndarray:
+    """The `TOKEN_FEATURES` of every pair: the IDF mass (and share of each title's mass) of the
+    words one title has and the other lacks, min and max over the two directions; the IDF-
+    weighted Jaccard; the rarest word only one side has; whether one title's words (numbers) are
+    a subset of the other's; the difference in length."""
+    words = [title_words(t) for t in titles]
+    idf: dict[str, float] = {}
+    weight = [{w: idf.setdefault(w, stats.idf(w)) for w in ws} for ws in words]
+    mass = np.array([sum(w.values()) for w in weight]) + 1e-9
+    numbers = [frozenset(_NUMBER_TOKEN.findall(t.lower())) for t in titles]
+    rows = []
+    for i, j in zip(a.tolist(), b.tolist(), strict=True):
+        mine, theirs = words[i], words[j]
+        only_mine = [weight[i][w] for w in mine - theirs]
+        only_theirs = [weight[j][w] for w in theirs - mine]
+        shared = sum(weight[i][w] for w in mine & theirs)
+        da, db = sum(only_mine), sum(only_theirs)
+        na, nb = numbers[i], numbers[j]
+        rows.append(
+            (
+                min(da / mass[i], db / mass[j]),
+                max(da / mass[i], db / mass[j]),
+                min(da, db),
+                max(da, db),
+                shared / (shared + da + db + 1e-9),
+                min(max(only_mine, default=0.0), max(only_theirs, default=0.0)),
+                max(max(only_mine, default=0.0), max(only_theirs, default=0.0)),
+                float(not only_mine or not only_theirs),
+                abs(len(mine) - len(theirs)) / max(len(mine), len(theirs), 1),
+                float(na <= nb or nb <= na) if na and nb else -1.0,
+            )
+        )
+    return np.array(rows, dtype=np.float64).reshape(-1, len(TOKEN_FEATURES))
+
+
+def catalog_features(stats: CatalogStats, n: int) -> np.ndarray:
+    """The `CATALOG_FEATURES`, the same on each of `n` pairs."""
+    return np.tile([stats.code_multiplicity, stats.coded_share], (n, 1)).astype(np.float64)
+
+
+_NUMBER_TOKEN = re.compile(r"\d+(?:[.,]\d+)?")

@@ -142,6 +142,13 @@ class PairTable:
         out[grouped.index.to_numpy()] = grouped.to_numpy()
         return out
 
+    def top(self, k: int) -> tuple[PairTable, np.ndarray]:
+        """The table of each product's `k` best candidates by fused score (rank <= k), and the
+        rows they are in this table."""
+        rows = np.flatnonzero(self.frame["rank"].to_numpy() <= k)
+        frame = self.frame.iloc[rows].reset_index(drop=True)
+        return PairTable(self.ids, frame), rows
+
     def matched(self) -> np.ndarray:
         """The decided pairs (the `match` column). Raises KeyError before a decision."""
         return self.frame["match"].to_numpy(dtype=bool)
