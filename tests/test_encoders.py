@@ -19,7 +19,7 @@ from prodsearch.encoders.phash import hamming_to_score, phash_vector
 from prodsearch.errors import ConfigError
 from prodsearch.images import load_image
 
-from .conftest import DATA, REPO, SAMPLE, SHOPEE, needs_shopee
+from .conftest import DATA, REPO, SAMPLE, SHOPEE, needs_data
 
 PHOTOS = ("Alpro-Blueberry-Soyghurt-5470.jpg", "Alpro-Fresh-Soy-Milk-1765.jpg")
 
@@ -83,7 +83,7 @@ def test_phash_vector_scores_fall_with_hamming_distance() -> None:
     assert float(phash_vector(a) @ phash_vector(a)) == pytest.approx(1.0)
 
 
-@needs_shopee
+@needs_data(SHOPEE, DATA / "shopee" / "train_images_sample")
 def test_computed_phash_equals_shopee_column() -> None:
     frame = pd.read_csv(SHOPEE)
     folder = DATA / "shopee" / "train_images_sample"

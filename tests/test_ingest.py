@@ -22,7 +22,7 @@ from prodsearch.recipes import load_recipe
 from prodsearch.settings import IngestSettings, Settings
 from prodsearch.store import point_id
 
-from .conftest import DATA, needs_shopee, shopee_groups
+from .conftest import DATA, needs_data, needs_shopee, shopee_groups
 
 GENERIC = load_recipe("generic")
 
@@ -36,22 +36,21 @@ def _all_product_ids(index: Index) -> list[str]:
             return ids
 
 
-@needs_shopee
-def test_reingest_is_idempotent_and_updates_changed_rows(tmp_path, encoders, shopee_csv) -> None:
-    recipe = load_recipe("shopee")
+def test_reingest_is_idempotent_and_updates_changed_rows(tmp_path, encoders, catalog_csv) -> None:
+    recipe = GENERIC
     with Index(str(tmp_path / "s"), "p", Settings(), encoders) as index:
-        first = ingest_catalog(index, read_catalog(shopee_csv, recipe))
+        first = ingest_catalog(index, read_catalog(catalog_csv, recipe))
         n = first.upserted
         assert n == index.count() and first.unchanged == 0
-        again = ingest_catalog(index, read_catalog(shopee_csv, recipe))
+        again = ingest_catalog(index, read_catalog(catalog_csv, recipe))
         assert (again.upserted, again.unchanged) == (0, n)
-        frame = pd.read_csv(shopee_csv)
+        frame = pd.read_csv(catalog_csv)
         frame.loc[0, "title"] = "A completely new title"
-        frame.to_csv(shopee_csv, index=False)
-        changed = ingest_catalog(index, read_catalog(shopee_csv, recipe))
+        frame.to_csv(catalog_csv, index=False)
+        changed = ingest_catalog(index, read_catalog(catalog_csv, recipe))
         assert (changed.upserted, changed.unchanged) == (1, n - 1)
-        assert index.get(frame.loc[0, "posting_id"])["title"] == "A completely new title"
-        assert sorted(_all_product_ids(index)) == sorted(frame["posting_id"])
+        assert index.get(frame.loc[0, "id"])["title"] == "A completely new title"
+        assert sorted(_all_product_ids(index)) == sorted(frame["id"])
 
 
 def test_bad_images_are_reported_and_nothing_stored_is_lost(tmp_path, encoders) -> None:
@@ -87,6 +86,7 @@ def _stored(index: Index) -> dict[str, tuple[dict, dict]]:
 
 
 @needs_shopee
+@needs_data(DATA / "grocery_store" / "images.csv")
 def test_pipelined_ingest_stores_what_a_sequential_one_stores(tmp_path, encoders) -> None:
     photos = pd.read_csv(DATA / "grocery_store" / "images.csv").iloc[::250]
     shopee = shopee_groups(8)
