@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import subprocess
 import sys
 import tempfile
@@ -30,12 +31,13 @@ from pathlib import Path
 
 import numpy as np
 from rich.console import Console
+from sklearn.feature_extraction.text import TfidfVectorizer
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from prodsearch.eval.metrics import Scores, pair_scores, row_scores  # noqa: E402
-from prodsearch.eval.pairs import LabelledCatalog, tfidf_baseline  # noqa: E402
+from prodsearch.eval.pairs import TFIDF_GRID, LabelledCatalog, tfidf_baseline  # noqa: E402
 from prodsearch.eval.training import (  # noqa: E402
     CATALOGS,
     Labelled,
@@ -51,83 +53,83 @@ BEFORE = "5ae7d9a"
 LOG = Console(stderr=True)
 
 
-def scores_of(catalog: Labelled, matched: np.ndarray) -> Scores:
-    """Pair P/R/F1 over the labels, or row P/R/F1 against the groups."""
-    table, collection = catalog.table, catalog.collection
-    ids = table.ids
-    sets = {pid: {pid} for pid in ids}
+def match_sets(catalog: Labelled, matched: np.ndarray) -> dict[str, set[str]]:
+    """Each product's match set from decided pairs (either direction), itself included."""
+    table = catalog.table
+    sets = {pid: {pid} for pid in table.ids}
     for a, b in zip(table.a[matched].tolist(), table.b[matched].tolist(), strict=True):
-        sets[ids[a]].add(ids[b])
-    return _scores(collection, sets)
+        sets[table.ids[a]].add(table.ids[b])
+        sets[table.ids[b]].add(table.ids[a])
+    return sets
 
 
-def _scores(collection, sets: dict[str, set[str]]) -> Scores:
+def scores_of(collection, sets: dict[str, set[str]]) -> Scores:
+    """Pair P/R/F1 over a pair-labelled catalog's labels (a pair predicted same when either is in
+    the other's set); row P/R/F1 of a group-labelled catalog's scored products."""
     if collection.labels is not None:
         predicted = {frozenset((a, b)) for a, members in sets.items() for b in members if a != b}
-        both = {frozenset((a, b)) for a, b in predicted} | {frozenset((b, a)) for a, b in predicted}
-        labels = [(x.id_a, x.id_b, x.same) for x in collection.labels]
-        return pair_scores(both, labels)
+        return pair_scores(predicted, [(x.id_a, x.id_b, x.same) for x in collection.labels])
     groups = collection.groups
     members: dict[object, set[str]] = {}
     for pid, group in groups.items():
         members.setdefault(group, set()).add(pid)
     queries = sorted(collection.scored())
-    union = {pid: set(sets.get(pid, {pid})) for pid in queries}
-    for pid, found in list(union.items()):  # either direction: symmetric match sets
-        for other in found:
-            if other in union:
-                union[other].add(pid)
-    return row_scores([union[p] for p in queries], [members[groups[p]] for p in queries])
+    return row_scores([sets.get(p, {p}) for p in queries], [members[groups[p]] for p in queries])
 
 
-def tfidf_row(data: Path, name: str) -> Scores:
-    """The char TF-IDF baseline with its threshold tuned on the catalog's own train labels."""
-    if name == "shopee":
-        from prodsearch.eval.shopee import _tfidf_scores  # one owner of the Shopee baseline
+def tfidf(data: Path, name: str, fit, held) -> Scores:
+    """The char TF-IDF baseline, its threshold tuned on the catalog's own train labels (Shopee:
+    on val, scored on test)."""
+    if name != "shopee":
+        folder = data / "product_pairs" / name
+        valid = LabelledCatalog(name, *read_pair_file(folder / "valid.txt"))
+        train = LabelledCatalog(name, *read_pair_file(folder / "train.txt"))
+        return tfidf_baseline(valid, train)[0]
+    threshold = max(TFIDF_GRID, key=lambda t: scores_of(fit, tfidf_sets(fit, t)).f1)
+    return scores_of(held, tfidf_sets(held, threshold))
 
-        return _tfidf_scores  # resolved by the caller, which holds the Shopee splits
-    valid = LabelledCatalog(name, *read_pair_file(data / "product_pairs" / name / "valid.txt"))
-    train = LabelledCatalog(name, *read_pair_file(data / "product_pairs" / name / "train.txt"))
-    return tfidf_baseline(valid, train)[0]
+
+def tfidf_sets(collection, threshold: float) -> dict[str, set[str]]:
+    """Each product's match set: the products whose title's char TF-IDF cosine reaches
+    `threshold` (the vectorizer fitted on the catalog)."""
+    ids = [p.product_id for p in collection.products]
+    titles = [str(p.payload.get("title") or "") for p in collection.products]
+    vectors = TfidfVectorizer(analyzer="char_wb", ngram_range=(3, 5)).fit_transform(titles)
+    similarity = (vectors @ vectors.T).tocsr()
+    sets = {}
+    for i, pid in enumerate(ids):
+        row = similarity.getrow(i)
+        sets[pid] = {ids[j] for j in row.indices[row.data >= threshold]} | {pid}
+    return sets
 
 
-def shipped_before(data: Path, name: str, revision: str, workdir: Path) -> Scores:
-    """The dedup of an earlier revision, run as a user runs it, scored like this version's."""
+def shipped_before(data: Path, name: str, revision: str, workdir: Path, held) -> Scores:
+    """The `dedup` of an earlier revision, run as a user runs it (ingest + dedup with that
+    revision's defaults, from a checkout of it), scored like this version's."""
     checkout = workdir / f"rev-{revision}"
     if not checkout.exists():
-        subprocess.run(
-            ["git", "worktree", "add", "--detach", str(checkout), revision],
-            cwd=REPO,
-            check=True,
-            capture_output=True,
-        )
-    if name == "shopee":
-        return None  # see main: the earlier revision's Shopee figure comes from its own eval
-    rows, labels = read_pair_file(data / "product_pairs" / name / "valid.txt")
-    catalog, store, out = (
-        workdir / f"{name}.csv",
-        workdir / f"before-{name}",
-        workdir / f"{name}.matches.csv",
-    )
+        command = ["git", "worktree", "add", "--detach", str(checkout), revision]
+        subprocess.run(command, cwd=REPO, check=True, capture_output=True)
+    catalog, store = workdir / f"{name}-before.csv", workdir / f"before-{name}"
+    out = workdir / f"{name}-before.matches.csv"
     with catalog.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["id", "title"])
-        writer.writerows([r.product_id, r.title or ""] for r in rows)
-    env = {"PYTHONPATH": str(checkout / "src"), "PATH": "/usr/bin:/bin"}
+        fields = ["image_phash"] if name == "shopee" else []
+        writer.writerow(["id", "title", *fields])
+        for p in held.products:
+            extra = [p.payload.get("image_phash", "")] if fields else []
+            writer.writerow([p.product_id, p.payload.get("title") or "", *extra])
+    env = {**os.environ, "PYTHONPATH": str(checkout / "src")}
     for args in (["ingest", str(catalog)], ["dedup", "--out", str(out)]):
-        subprocess.run(
-            [sys.executable, "-m", "prodsearch.cli", *args, "--store", str(store)],
-            check=True,
-            capture_output=True,
-            env=env,
-        )
+        command = [sys.executable, "-m", "prodsearch.cli", *args, "--store", str(store)]
+        subprocess.run(command, check=True, capture_output=True, env=env)
     with out.open(encoding="utf-8") as handle:
         sets = {row["id"]: set(row["matches"].split()) for row in csv.DictReader(handle)}
-    predicted = {frozenset((a, b)) for a, members in sets.items() for b in members if a != b}
-    return pair_scores(predicted, [(x.id_a, x.id_b, x.same) for x in labels])
+    return scores_of(held, sets)
 
 
 def main() -> None:
+    """Run the benchmark (see the module docstring)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--workdir", type=Path, default=None)
@@ -138,22 +140,39 @@ def main() -> None:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="prodsearch-transfer-"))
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    rows = []
     with Index(str(workdir / "store"), "base") as base:
         fit = {n: label_collection(open_catalog(args.data, n, "fit", base, LOG)) for n in CATALOGS}
         held = {n: label_collection(open_catalog(args.data, n, "eval", base, LOG)) for n in names}
-        rows = []
         for name in names:
             LOG.print(f"held out: {name}")
             model, minimum, _ = fit_pair_model([fit[n] for n in CATALOGS if n != name])
-            ours = scores_of(held[name], decided(held[name], model, minimum))
-            rows.append((name, minimum, ours))
-    print(f"\nleave-one-catalog-out, {time.perf_counter() - started:.0f} s\n")
-    print("| held-out catalog | this version: P / R / F1 (min probability) |")
-    print("|---|---|")
-    for name, minimum, ours in rows:
-        print(
-            f"| {name} | {ours.precision:.3f} / {ours.recall:.3f} / **{ours.f1:.3f}** ({minimum}) |"
-        )
+            ours = scores_of(
+                held[name].collection, match_sets(held[name], decided(held[name], model, minimum))
+            )
+            baseline = tfidf(args.data, name, fit[name].collection, held[name].collection)
+            before = shipped_before(args.data, name, args.before, workdir, held[name].collection)
+            rows.append((name, minimum, ours, baseline, before))
+    print_table(rows, time.perf_counter() - started)
+
+
+def print_table(rows: list, seconds: float) -> None:
+    """The markdown table of the leave-one-catalog-out run."""
+    print(f"\nleave-one-catalog-out ({seconds:.0f} s, load {os.getloadavg()[0]:.1f})\n")
+    header = [
+        "held-out catalog (metric)",
+        "this version, fitted without it: P / R / F1",
+        "char TF-IDF, threshold from its own train",
+        "shipped before",
+    ]
+    print("| " + " | ".join(header) + " |")
+    print("|---|---|---|---|")
+    for name, minimum, ours, baseline, before in rows:
+        cells = [
+            f"{s.precision:.3f} / {s.recall:.3f} / {s.f1:.3f}" for s in (ours, baseline, before)
+        ]
+        metric = "row" if name == "shopee" else "pair"
+        print(f"| {name} ({metric}) | **{cells[0]}** (p >= {minimum}) | {cells[1]} | {cells[2]} |")
 
 
 if __name__ == "__main__":

@@ -7,18 +7,20 @@ import csv
 import numpy as np
 import pytest
 
-from prodsearch.errors import ConfigError
+from prodsearch.catalog import read_catalog
 from prodsearch.index import Index
+from prodsearch.ingest import ingest_catalog
 from prodsearch.matching.audit import read_pair_verdict
 from prodsearch.matching.candidates import RelativeFilters, collect_candidates
 from prodsearch.matching.dedup import default_search, run_dedup
 from prodsearch.matching.explain import explain
-from prodsearch.matching.features import feature_names, table_features
+from prodsearch.matching.features import table_features
 from prodsearch.matching.pair_model import PairModel
-from prodsearch.settings import DedupSettings, PairModelSettings, Settings
+from prodsearch.recipes import load_recipe
+from prodsearch.settings import DedupSettings, Settings
 
 from .conftest import reconfigured
-from .test_pair_model import random_table
+from .generated import write_catalog
 
 FUSION = DedupSettings(decider="fusion")
 
@@ -107,14 +109,7 @@ def test_dedup_with_the_pair_model_follows_its_probabilities(catalog_index, tmp_
     products = list(catalog_index.scroll())
     search = default_search(catalog_index)
     table = collect_candidates(catalog_index, products, search)
-    features = table_features(
-        table,
-        products,
-        model.modalities,
-        neighbour_min_fused_score=pair.neighbour_min_fused_score,
-        blend_min_fused_score=search.formula.min_fused_score,
-    )
-    probability = model.probabilities(table, features)
+    probability = model.probabilities(table, table_features(table, products))
     expected = {pid: set() for pid in table.ids}
     for a, b, p in zip(table.a, table.b, probability, strict=True):
         if p >= pair.min_probability:
@@ -151,17 +146,23 @@ def test_dedup_with_the_pair_model_follows_its_probabilities(catalog_index, tmp_
     assert mean_f1(sets, labels) >= mean_f1(fused.match_sets(), labels) - 0.02
 
 
-def test_pair_model_refuses_a_collection_it_was_not_fitted_for(catalog_index, tmp_path) -> None:
-    table = random_table(100, 4)
-    features = np.random.default_rng(0).normal(size=(len(table), len(feature_names(["text"]))))
-    same, groups = features[:, 0] > 0, table.a % 10
-    model, _ = PairModel.fit(table, features, same, groups, ["text"], table.a >= 0, stages=1)
-    model.save(tmp_path / "text_only.json")
-    knobs = DedupSettings(pair_model=PairModelSettings(model=tmp_path / "text_only.json"))
-    with pytest.raises(ConfigError, match="fitted on modalities"):
-        run_dedup(catalog_index, knobs, strict=True)
-    fallback = run_dedup(catalog_index, knobs)
-    assert fallback.decided_by == "fusion" and "fitted on modalities" in fallback.notes[0]
+def test_a_catalog_of_titles_alone_is_decided_by_the_pair_model(tmp_path, encoders) -> None:
+    """No phash, no photo: the pair model decides (its missing features missing), and on a
+    catalog whose answer is known it finds most of each product's listings, few strangers."""
+    frame = write_catalog(tmp_path / "catalog.csv", n_groups=40, seed=5)
+    index = Index(str(tmp_path / "store"), "products", Settings(), encoders)
+    ingest_catalog(index, read_catalog(tmp_path / "catalog.csv", load_recipe("generic")))
+    result = run_dedup(index)
+    assert result.decided_by == "pair model"
+    probability = result.table.column("probability")
+    assert not np.isnan(probability).any() and {"phash", "image"}.isdisjoint(
+        result.table.modalities()
+    )
+    labels = dict(zip(frame["id"], frame["group"].astype(str), strict=True))
+    scores = mean_f1(result.match_sets(), labels)
+    alone = mean_f1({pid: [pid] for pid in labels}, labels)
+    assert scores > alone + 0.25, (scores, alone)
+    index.close()
 
 
 def test_explain_agrees_with_match(catalog_index: Index) -> None:

@@ -9,8 +9,9 @@ import pytest
 
 from prodsearch.errors import CatalogError, ConfigError
 from prodsearch.labels import PairLabel, read_labels
-from prodsearch.review.answers import AnswerStore, answers_path
-from prodsearch.settings import ReviewSettings, Settings
+from prodsearch.review.answers import AnswerStore
+from prodsearch.settings import Settings
+from prodsearch.state import state_file
 
 KNOWN = {"a", "b", "c", "d"}
 
@@ -75,11 +76,11 @@ def test_a_bad_labels_file_is_refused_whole(tmp_path: Path, text: str, problem: 
 
 def test_the_answers_file_sits_beside_the_collection(tmp_path) -> None:
     embedded = Settings(store=str(tmp_path / "data"), collection="shop")
-    assert answers_path(embedded) == tmp_path / "data" / "shop.review.sqlite"
+    assert state_file(embedded, "review") == tmp_path / "data" / "shop.review.sqlite"
     local = Settings(store=f"local:{tmp_path}", collection="shop")
-    assert answers_path(local) == tmp_path / "shop.review.sqlite"
+    assert state_file(local, "review") == tmp_path / "shop.review.sqlite"
     server = Settings(store="http://localhost:6333")
-    with pytest.raises(ConfigError, match="PRODSEARCH_REVIEW__DB"):
-        answers_path(server)
-    chosen = server.model_copy(update={"review": ReviewSettings(db=tmp_path / "r.sqlite")})
-    assert answers_path(chosen) == tmp_path / "r.sqlite"
+    with pytest.raises(ConfigError, match="PRODSEARCH_STATE_DIR"):
+        state_file(server, "review")
+    chosen = server.model_copy(update={"state_dir": tmp_path / "state"})
+    assert state_file(chosen, "clusters") == tmp_path / "state" / "products.clusters.sqlite"

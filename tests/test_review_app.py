@@ -21,7 +21,7 @@ from prodsearch.index import Index
 from prodsearch.ingest import ingest_catalog
 from prodsearch.recipes import load_recipe
 from prodsearch.review.app import create_review_app
-from prodsearch.settings import SETTINGS_FILE_ENV, ReviewSettings, Settings
+from prodsearch.settings import SETTINGS_FILE_ENV, Settings
 
 from .conftest import SAMPLE
 from .reviewed import ingest_phash_catalog
@@ -40,9 +40,7 @@ def catalog_index(tmp_path_factory, encoders) -> Iterator[tuple[Index, pd.DataFr
 
 
 def client_for(index: Index, folder: Path, settings_file: Path | None = None) -> TestClient:
-    settings = index.settings.model_copy(
-        update={"review": ReviewSettings(db=folder / "answers.sqlite")}
-    )
+    settings = index.settings.model_copy(update={"state_dir": folder})
     return TestClient(create_review_app(settings, index, write_settings=settings_file))
 
 

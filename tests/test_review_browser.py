@@ -15,7 +15,7 @@ import uvicorn
 
 from prodsearch.index import Index
 from prodsearch.review.app import create_review_app
-from prodsearch.settings import ReviewSettings, Settings
+from prodsearch.settings import Settings
 
 from .reviewed import ingest_phash_catalog
 
@@ -58,7 +58,7 @@ def _free_port() -> int:
 def review_url(tmp_path, encoders) -> Iterator[str]:
     """The review page of a generated catalog the pair model decides, served on localhost."""
     store = str(tmp_path / "store")
-    settings = Settings(store=store, review=ReviewSettings(db=tmp_path / "answers.sqlite"))
+    settings = Settings(store=store, state_dir=tmp_path / "state")
     with Index(store, "products", settings, encoders) as index:
         ingest_phash_catalog(index, tmp_path)
         app = create_review_app(settings, index, write_settings=tmp_path / "prodsearch.toml")

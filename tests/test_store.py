@@ -177,6 +177,11 @@ def test_retrieve_scroll_delete(filled: Store) -> None:
         if offset is None:
             break
     assert sorted(seen) == sorted(f"p{i}" for i in range(N))
+    before = filled.retrieve("products", [point_id("p3")], with_vectors=True)[0]
+    filled.set_payload("products", [point_id("p3")], {"cluster_id": "c-7"})
+    (after,) = filled.retrieve("products", [point_id("p3")], with_vectors=True)
+    assert after.payload == {**before.payload, "cluster_id": "c-7"}, "merged, not replaced"
+    np.testing.assert_allclose(after.vectors["text"], before.vectors["text"])
     filled.delete("products", [point_id("p2")])
     assert filled.count("products") == N - 1
     assert filled.retrieve("products", [point_id("p2")]) == []

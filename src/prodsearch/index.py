@@ -190,6 +190,12 @@ class Index:
         ]
         self.store.upsert(self.collection, points)
 
+    def set_payload(self, product_ids: str | Sequence[str], payload: dict[str, Any]) -> None:
+        """Merge `payload`'s keys into stored products' payloads (vectors untouched)."""
+        self.check_encoders()
+        ids = [product_ids] if isinstance(product_ids, str) else product_ids
+        self.store.set_payload(self.collection, [point_id(p) for p in ids], payload)
+
     def delete(self, product_ids: Sequence[str]) -> None:
         """Delete products by id (absent ones are ignored)."""
         self.check_encoders()

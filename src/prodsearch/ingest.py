@@ -18,7 +18,7 @@ import json
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -105,6 +105,7 @@ def ingest_catalog(
     console: Console | None = None,
     batch_size: int | None = None,
     pipelined: bool = True,
+    after_batch: Callable[[list[str]], None] | None = None,
 ) -> IngestReport:
     """Upsert every valid row of `catalog` into `index`'s collection and build the HNSW index.
 
@@ -112,6 +113,8 @@ def ingest_catalog(
     reported (in the returned report and, when any, in `report_path` as CSV); the rest goes on.
     With `pipelined` (the default) one reader thread reads, hashes, checks and decodes the next
     batches while this thread encodes and upserts; the stored result is the same either way.
+    `after_batch` is called with each batch's product ids (catalog order) once it is stored
+    (e.g. assigning them to clusters).
     """
     started = time.perf_counter()
     index.ensure_collection()
@@ -127,6 +130,9 @@ def ingest_catalog(
         task = progress.add_task("ingest", total=len(catalog.rows))
         for batch in ready:
             _store_batch(index, batch, report, store_lock)
+            if after_batch is not None:
+                with store_lock:
+                    after_batch(batch.product_ids)
             progress.advance(task, batch.rows)
             if not console.is_terminal:  # logs and pipes get one line per batch instead of a bar
                 done = int(progress.tasks[0].completed)
@@ -179,6 +185,8 @@ class _ReadBatch:
     inputs: list[EncoderInput]
     unchanged: int
     rejections: list[Rejection]
+    #: every readable product of the batch, in catalog order
+    product_ids: list[str]
 
 
 def _read_batch(index: Index, rows: Sequence[CatalogRow], store_lock: threading.Lock) -> _ReadBatch:
@@ -211,7 +219,8 @@ def _read_batch(index: Index, rows: Sequence[CatalogRow], store_lock: threading.
         replace(given, image=None) if given.pixels is not None else given
         for given in index.encoders.prepare(inputs)
     ]
-    return _ReadBatch(len(rows), kept, inputs, len(prepared) - len(changed), rejections)
+    ids = [p.row.product_id for p in prepared]
+    return _ReadBatch(len(rows), kept, inputs, len(prepared) - len(changed), rejections, ids)
 
 
 def check_images(catalog: Catalog, max_pixels: int) -> Catalog:

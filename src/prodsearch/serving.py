@@ -19,6 +19,7 @@ import threading
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 from prodsearch.encoders import EncoderInput, EncoderSet, Vector
 from prodsearch.store import (
@@ -70,6 +71,11 @@ class SerializedStore(Store):
         """Insert or replace points."""
         with self._lock:
             self.inner.upsert(name, points)
+
+    def set_payload(self, name: str, point_ids: Sequence[str], payload: dict[str, Any]) -> None:
+        """Merge payload keys into points."""
+        with self._lock:
+            self.inner.set_payload(name, point_ids, payload)
 
     def delete(self, name: str, point_ids: Sequence[str]) -> None:
         """Delete points by id."""

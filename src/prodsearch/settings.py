@@ -164,16 +164,6 @@ class DedupSettings(BaseModel):
     fusion: FusionDecisionSettings = FusionDecisionSettings()
 
 
-class ReviewSettings(BaseModel):
-    """The review page (`prodsearch review`): where its answers are kept."""
-
-    db: Path | None = Field(
-        None,
-        description="SQLite file of the review answers; None = `<collection>.review.sqlite` in "
-        "the embedded store's directory (a Qdrant server URL or :memory: store needs this set).",
-    )
-
-
 class IngestSettings(BaseModel):
     """How `prodsearch ingest` reads a catalog file: which column is which and, for a CSV, its
     delimiter and text encoding. None = the recipe's, or guessed from the header (columns.py) or
@@ -236,7 +226,11 @@ class Settings(BaseSettings):
     formula: FormulaSettings = FormulaSettings()
     dedup: DedupSettings = DedupSettings()
     ingest: IngestSettings = IngestSettings()
-    review: ReviewSettings = ReviewSettings()
+    state_dir: Path | None = Field(
+        None,
+        description="Folder of each collection's own state (review answers, cluster log); "
+        "None = the embedded store's directory (a server URL or :memory: store needs it set).",
+    )
     hnsw_ef: int | None = Field(
         None,
         ge=1,

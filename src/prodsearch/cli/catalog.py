@@ -111,6 +111,14 @@ def ingest(
             "rows; write nothing.",
         ),
     ] = False,
+    assign: Annotated[
+        bool,
+        typer.Option(
+            "--assign",
+            help="Put each new or changed product in a stored product cluster (the decision "
+            "dedup uses), or start one; a product linking two clusters proposes a merge.",
+        ),
+    ] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Upsert a catalog's products (named vectors + payload) into a collection; re-runs resume.
@@ -145,10 +153,15 @@ def ingest(
 
     report_path = report or catalog.with_name(catalog.stem + ".rejects.csv")
     with Index(settings=settings) as index:
-        result = ingest_catalog(index, rows, report_path=report_path, console=stderr)
+        if assign:
+            result, assigned = _assigning_ingest(index, rows, report_path)
+        else:
+            result = ingest_catalog(index, rows, report_path=report_path, console=stderr)
+            assigned = None
         total = index.count()
     summary = {
         **result.as_dict(),
+        **({"assigned": assigned} if assigned is not None else {}),
         "collection": settings.collection,
         "store": settings.store,
         "products_in_collection": total,
@@ -161,6 +174,32 @@ def ingest(
     if result.upserted + result.unchanged == 0:
         stderr.print("[red]error:[/red] no product could be ingested")
         raise typer.Exit(1)
+
+
+def _assigning_ingest(index: Any, rows: Catalog, report_path: Path) -> tuple[Any, dict]:
+    """Ingest, each stored batch assigned to the stored clusters; returns the ingest report and
+    how many products founded a cluster, joined one, proposed a merge."""
+    from prodsearch.ingest import ingest_catalog
+    from prodsearch.matching.assign import Assigner
+    from prodsearch.matching.cluster_log import ClusterLog
+    from prodsearch.matching.clusters import sync_payloads
+    from prodsearch.state import state_file
+
+    counts = {"founded": 0, "joined": 0, "proposed_merges": 0}
+    index.ensure_collection()
+    with ClusterLog(state_file(index.settings, "clusters")) as log:
+        assigner = Assigner(index, log)
+
+        def after_batch(product_ids: list[str]) -> None:
+            for assignment in assigner.assign_pending(product_ids):
+                counts[assignment.how] += 1
+                counts["proposed_merges"] += len(assignment.proposed_merges)
+
+        result = ingest_catalog(
+            index, rows, report_path=report_path, console=stderr, after_batch=after_batch
+        )
+        sync_payloads(index, log)
+    return result, counts
 
 
 def _mapped_catalog(

@@ -31,58 +31,77 @@ EncodersOption = Annotated[
 ]
 
 
+CatalogEvalOption = Annotated[
+    Path | None,
+    typer.Argument(help="Labelled catalog CSV (e.g. Shopee train.csv); not with --pairs."),
+]
+
+SplitFileEvalOption = Annotated[
+    Path | None,
+    typer.Option(help="Group labels: a CSV of id,split with val and test rows."),
+]
+
+PairsEvalOption = Annotated[
+    Path | None,
+    typer.Option(help="Pair labels with their records (LEFT<TAB>RIGHT<TAB>LABEL lines)."),
+]
+
+LabelsEvalOption = Annotated[
+    Path | None,
+    typer.Option(help="Pair labels of CATALOG's products: a CSV of id_a,id_b,same."),
+]
+
+TrainEvalOption = Annotated[
+    Path | None,
+    typer.Option(
+        help="Train labels in the same format as --pairs / --labels: the TF-IDF baseline's "
+        "threshold is tuned on them."
+    ),
+]
+
+RecipeEvalOption = Annotated[
+    str | None, typer.Option(help="Column mapping (see `prodsearch recipes`).")
+]
+
+LabelColumnEvalOption = Annotated[str, typer.Option(help="Column holding the product group.")]
+
+StoreEvalOption = Annotated[
+    str | None,
+    typer.Option(
+        "--store",
+        help="Where to build the evaluation collections (default: a temporary directory).",
+    ),
+]
+
+WriteSettingsEvalOption = Annotated[
+    Path | None,
+    typer.Option(help="Write the tuned thresholds and fusion to this TOML settings file."),
+]
+
+ValCatalogSizeEvalOption = Annotated[
+    int | None,
+    typer.Option(
+        min=0,
+        help="Products in the catalog the val queries search: val plus whole train groups "
+        "as distractors (default: the test catalog's size; 0: val alone).",
+    ),
+]
+
+
 @app.command(name="eval")
 @_reports_errors
 def evaluate(
-    catalog: Annotated[
-        Path | None,
-        typer.Argument(help="Labelled catalog CSV (e.g. Shopee train.csv); not with --pairs."),
-    ] = None,
-    split_file: Annotated[
-        Path | None,
-        typer.Option(help="Group labels: a CSV of id,split with val and test rows."),
-    ] = None,
-    pairs: Annotated[
-        Path | None,
-        typer.Option(help="Pair labels with their records (LEFT<TAB>RIGHT<TAB>LABEL lines)."),
-    ] = None,
-    labels: Annotated[
-        Path | None,
-        typer.Option(help="Pair labels of CATALOG's products: a CSV of id_a,id_b,same."),
-    ] = None,
-    train: Annotated[
-        Path | None,
-        typer.Option(
-            help="Train labels in the same format as --pairs / --labels: the TF-IDF baseline's "
-            "threshold is tuned on them."
-        ),
-    ] = None,
-    recipe: Annotated[
-        str | None, typer.Option(help="Column mapping (see `prodsearch recipes`).")
-    ] = None,
-    label_column: Annotated[
-        str, typer.Option(help="Column holding the product group.")
-    ] = "label_group",
-    store: Annotated[
-        str | None,
-        typer.Option(
-            "--store",
-            help="Where to build the evaluation collections (default: a temporary directory).",
-        ),
-    ] = None,
+    catalog: CatalogEvalOption = None,
+    split_file: SplitFileEvalOption = None,
+    pairs: PairsEvalOption = None,
+    labels: LabelsEvalOption = None,
+    train: TrainEvalOption = None,
+    recipe: RecipeEvalOption = None,
+    label_column: LabelColumnEvalOption = "label_group",
+    store: StoreEvalOption = None,
     encoders: EncodersOption = None,
-    write_settings: Annotated[
-        Path | None,
-        typer.Option(help="Write the tuned thresholds and fusion to this TOML settings file."),
-    ] = None,
-    val_catalog_size: Annotated[
-        int | None,
-        typer.Option(
-            min=0,
-            help="Products in the catalog the val queries search: val plus whole train groups "
-            "as distractors (default: the test catalog's size; 0: val alone).",
-        ),
-    ] = None,
+    write_settings: WriteSettingsEvalOption = None,
+    val_catalog_size: ValCatalogSizeEvalOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Measure matching against labels.
@@ -110,9 +129,22 @@ def evaluate(
             as_json,
         )
         return
+    _pair_eval(catalog, pairs, labels, train, recipe or "generic", store, settings, as_json)
+
+
+def _pair_eval(
+    catalog: Path | None,
+    pairs: Path | None,
+    labels: Path | None,
+    train: Path | None,
+    recipe: str,
+    store: str | None,
+    settings: Any,
+    as_json: bool,
+) -> None:
+    """The pair-labelled evaluation and its table."""
     from prodsearch.eval.pairs import load_labelled, run_pair_evaluation
 
-    recipe = recipe or "generic"
     valid = load_labelled(pairs, catalog, labels, recipe)
     trained = None
     if train is not None:  # in the format of the labels evaluated

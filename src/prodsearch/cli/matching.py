@@ -34,6 +34,73 @@ class Decider(StrEnum):
     fusion = "fusion"
 
 
+DedupCatalogArgument = Annotated[
+    Path | None,
+    typer.Argument(help="Catalog file to ingest first (omit to use the collection as is)."),
+]
+OutOption = Annotated[Path, typer.Option(help="Where to write id,matches,cluster,min2.")]
+DedupRecipeOption = Annotated[
+    str | None,
+    typer.Option(help="Column mapping when a CATALOG is given (default: guessed, as ingest does)."),
+]
+SameOption = Annotated[
+    list[str] | None, typer.Option(help="Matches must share this payload field (repeatable).")
+]
+DifferentOption = Annotated[
+    list[str] | None,
+    typer.Option(help="Matches must differ in this payload field, e.g. seller (repeatable)."),
+]
+WithinOption = Annotated[
+    list[str] | None,
+    typer.Option(help="A numeric field within a fraction of the product's, e.g. price=0.2."),
+]
+FilterOption = Annotated[
+    list[str] | None,
+    typer.Option("--filter", help="Payload filter key=value or key!=value (repeatable)."),
+]
+Min2Option = Annotated[
+    bool | None, typer.Option("--min2/--no-min2", help="Give lone products a close neighbour.")
+]
+BlendRoundsOption = Annotated[
+    int | None, typer.Option(min=0, max=3, help="Neighbourhood-blending rounds (fusion).")
+]
+MaxClusterOption = Annotated[
+    int | None, typer.Option(min=1, help="Cap on a duplicate cluster's size.")
+]
+DeciderOption = Annotated[
+    Decider | None,
+    typer.Option(
+        help="What decides a match: the learned pair model, or the fusion's own rule "
+        "(default from settings: pair-model; fusion when --blend-rounds is given).",
+    ),
+]
+ReconcileOption = Annotated[
+    bool,
+    typer.Option(
+        "--reconcile",
+        help="Compare this run's clusters with the stored ones and report what would move, "
+        "merge and split; change the stored clusters only with --apply.",
+    ),
+]
+ApplyOption = Annotated[
+    bool, typer.Option("--apply", help="With --reconcile: store this run's clusters.")
+]
+
+
+ThresholdOption = Annotated[
+    list[str] | None,
+    typer.Option(help="Per-modality threshold override, e.g. text=0.8 (repeatable)."),
+]
+DecideOption = Annotated[
+    bool,
+    typer.Option(
+        "--decide/--no-decide",
+        help="Beside the engine's scores, show the catalog's decision on each match (the "
+        "dedup decision: match or not, and its probability).",
+    ),
+]
+
+
 @app.command()
 @_reports_errors
 def match(
@@ -42,21 +109,20 @@ def match(
     phash: Annotated[str | None, typer.Option(help="A known 16-hex-digit perceptual hash.")] = None,
     k: Annotated[int | None, typer.Option(min=1, help="Matches to return.")] = None,
     fusion: Annotated[str | None, typer.Option(help="rrf, dbsf or formula.")] = None,
-    threshold: Annotated[
-        list[str] | None,
-        typer.Option(help="Per-modality threshold override, e.g. text=0.8 (repeatable)."),
-    ] = None,
-    filter_: Annotated[
-        list[str] | None,
-        typer.Option("--filter", help="Payload filter key=value or key!=value (repeatable)."),
-    ] = None,
+    threshold: ThresholdOption = None,
+    filter_: FilterOption = None,
+    decide: DecideOption = True,
     store: StoreOption = None,
     collection: CollectionOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Find the catalog products matching a title and/or an image."""
+    """Find the catalog products matching a title and/or an image; each with the engine's fused
+    and per-modality scores and, by default, whether the catalog's matching decides it is the
+    same product (and how sure)."""
     from prodsearch.filters import parse_cli_filters
     from prodsearch.index import Index
+    from prodsearch.matching.assign import ProductDecider, query_verdicts
+    from prodsearch.query import MatchOptions
 
     if fusion not in (None, "rrf", "dbsf", "formula"):
         raise ConfigError(f"--fusion {fusion!r}: choose rrf, dbsf or formula")
@@ -68,30 +134,39 @@ def match(
         except ValueError as exc:
             raise ConfigError(f"--threshold {item!r}: expected modality=number") from exc
     settings = _settings(store, collection)
+    options = MatchOptions(
+        k=k,
+        thresholds=thresholds or None,
+        fusion=fusion,  # type: ignore[arg-type]
+        filter=parse_cli_filters(filter_ or []),
+    )
     with Index(settings=settings) as index:
-        matches = index.match(
-            title,
-            image,
-            phash=phash,
-            k=k,
-            thresholds=thresholds or None,
-            fusion=fusion,  # type: ignore[arg-type]
-            filter=parse_cli_filters(filter_ or []),
+        vectors = index.encode_query(title, image, phash)
+        matches = index.match_vectors([vectors], options)[0]
+        verdicts = (
+            query_verdicts(ProductDecider(index), vectors, {"title": title or ""}) if decide else {}
         )
+    documents = [{**m.as_dict(), **_verdict(verdicts.get(m.product_id), decide)} for m in matches]
     if as_json:
-        _print_json(
-            {
-                "query": {"title": title, "image": str(image) if image else None},
-                "matches": [m.as_dict() for m in matches],
-            }
-        )
+        query = {"title": title, "image": str(image) if image else None}
+        _print_json({"query": query, "matches": documents})
         return
+    _print_matches(matches, documents, decide)
+
+
+def _print_matches(matches: list[Any], documents: list[dict[str, Any]], decide: bool) -> None:
+    """The matches as a table on stdout."""
     table = Table(title=f"{len(matches)} match(es)")
-    for column in ("product_id", "score", "matched by", "modality scores", "title"):
+    columns = ("product_id", "decision", "probability", "score", "matched by", "scores", "title")
+    for column in (
+        columns if decide else (c for c in columns if c not in ("decision", "probability"))
+    ):
         table.add_column(column)
-    for m in matches:
+    for m, document in zip(matches, documents, strict=True):
+        decided = (document["decision"], _number(document["probability"])) if decide else ()
         table.add_row(
             m.product_id,
+            *decided,
             f"{m.score:.3f}",
             ",".join(m.matched_by),
             " ".join(f"{k}={v:.3f}" for k, v in m.scores.items()),
@@ -100,57 +175,43 @@ def match(
     _stdout().print(table)
 
 
+def _verdict(verdict: Any, decide: bool) -> dict[str, Any]:
+    """A match's decision fields: "match" / "no match", its probability, the rule that decided;
+    a match beyond the candidates the decision reads is "no match" with no probability."""
+    if not decide:
+        return {}
+    if verdict is None:
+        return {"decision": "no match", "probability": None, "rule": ""}
+    decision = "match" if verdict.matched else "no match"
+    return {"decision": decision, "probability": verdict.probability, "rule": verdict.rule}
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 @app.command()
 @_reports_errors
 def dedup(
-    catalog: Annotated[
-        Path | None,
-        typer.Argument(help="Catalog CSV to ingest first (omit to use the collection as is)."),
-    ] = None,
-    out: Annotated[Path, typer.Option(help="Where to write id,matches,cluster,min2.")] = Path(
-        "matches.csv"
-    ),
+    catalog: DedupCatalogArgument = None,
+    out: OutOption = Path("matches.csv"),
     store: StoreOption = None,
     collection: CollectionOption = None,
-    recipe: Annotated[
-        str | None,
-        typer.Option(
-            help="Column mapping when a CATALOG is given (default: guessed, as ingest does)."
-        ),
-    ] = None,
-    same: Annotated[
-        list[str] | None, typer.Option(help="Matches must share this payload field (repeatable).")
-    ] = None,
-    different: Annotated[
-        list[str] | None,
-        typer.Option(help="Matches must differ in this payload field, e.g. seller (repeatable)."),
-    ] = None,
-    within: Annotated[
-        list[str] | None,
-        typer.Option(help="A numeric field within a fraction of the product's, e.g. price=0.2."),
-    ] = None,
-    filter_: Annotated[
-        list[str] | None, typer.Option("--filter", help="Payload filter key=value (repeatable).")
-    ] = None,
-    min2: Annotated[
-        bool | None, typer.Option("--min2/--no-min2", help="Give lone products a close neighbour.")
-    ] = None,
-    blend_rounds: Annotated[
-        int | None, typer.Option(min=0, max=3, help="Neighbourhood-blending rounds.")
-    ] = None,
-    max_cluster_size: Annotated[
-        int | None, typer.Option(min=1, help="Cap on a duplicate cluster's size.")
-    ] = None,
-    decider: Annotated[
-        Decider | None,
-        typer.Option(
-            help="What decides a match: the learned pair model, or the fusion's own rule "
-            "(default from settings: pair-model; fusion when --blend-rounds is given).",
-        ),
-    ] = None,
+    recipe: DedupRecipeOption = None,
+    same: SameOption = None,
+    different: DifferentOption = None,
+    within: WithinOption = None,
+    filter_: FilterOption = None,
+    min2: Min2Option = None,
+    blend_rounds: BlendRoundsOption = None,
+    max_cluster_size: MaxClusterOption = None,
+    decider: DeciderOption = None,
+    reconcile: ReconcileOption = False,
+    apply: ApplyOption = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Match every product of a collection against it: match sets, duplicate clusters, where the
+    """Match every product of a collection against it: match sets, duplicate clusters (stored in
+    the collection under stable ids: an unchanged cluster keeps its id across runs), where the
     time went, and beside OUT the audit trail OUT.pairs.csv (every match's scores, the signals
     that fired, the pair model's probability). Resumable: a re-run after a kill reuses
     OUT.checkpoint.jsonl."""
@@ -187,22 +248,34 @@ def dedup(
             if done == total or done % 2048 < 256:
                 stderr.print(f"{step}: {done:,}/{total:,}", highlight=False)
 
-        result = run_dedup(
-            index,
-            knobs,
-            filters,
-            progress=progress,
-            checkpoint=checkpoint,
-        )
-    audit = result.write(out)
+        result = run_dedup(index, knobs, filters, progress=progress, checkpoint=checkpoint)
+        carried = _stored_clusters(index, result.clusters, apply=apply or not reconcile)
+    audit = result.write(out, carried.membership)
     checkpoint.unlink(missing_ok=True)
     seconds = {"ingest": round(ingested, 1)} if catalog is not None else {}
     seconds.update({k: round(v, 1) for k, v in result.seconds.items()})
+    dry_run = reconcile and not apply
+    _dedup_summary(result, carried, seconds, (out, audit), dry_run, reconcile, as_json)
+
+
+def _dedup_summary(
+    result: Any,
+    carried: Any,
+    seconds: dict[str, float],
+    files: tuple[Path, Path],
+    dry_run: bool,
+    listed: bool,
+    as_json: bool,
+) -> None:
+    """What a dedup run did: counts, cluster changes (would-be ones in a dry run; each one
+    `listed` in JSON), where the time went, the files written (match sets, audit trail)."""
+    out, audit = files
     sets = result.match_sets()
     summary = {
         "products": len(sets),
         "decided_by": result.decided_by,
         "clusters": len(set(result.clusters.values())),
+        "cluster_changes" if dry_run else "stored_cluster_changes": carried.counts(),
         "products_with_matches": sum(len(members) > 1 for members in sets.values()),
         "rescued_by_min2": len(result.rescued()),
         "seconds": seconds,
@@ -210,12 +283,26 @@ def dedup(
         "pairs": str(audit),
     }
     if as_json:
+        if listed:
+            summary["changes"] = [
+                {"kind": k, "cluster_id": c, "products": p, **d} for k, c, p, d in carried.events
+            ]
         _print_json(summary)
         return
     table = Table(title=f"dedup -> {out}", show_header=False)
     for key, value in summary.items():
         table.add_row(key, json.dumps(value) if isinstance(value, dict) else str(value))
     stderr.print(table)
+
+
+def _stored_clusters(index: Any, clusters: dict[str, int], apply: bool) -> Any:
+    """The run's clusters carried forward from the stored ones (stored when `apply`)."""
+    from prodsearch.matching.cluster_log import ClusterLog
+    from prodsearch.matching.clusters import store_clusters
+    from prodsearch.state import state_file
+
+    with ClusterLog(state_file(index.settings, "clusters")) as log:
+        return store_clusters(index, log, clusters, apply=apply)
 
 
 def _dedup_knobs(

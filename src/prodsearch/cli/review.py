@@ -43,17 +43,17 @@ def review(
     (y / n / u, z undoes), check clusters, and calibrate the catalog from the answers.
 
     Answers are stored at once in `<collection>.review.sqlite` in the store's directory (a
-    server store: PRODSEARCH_REVIEW__DB); Calibrate writes the settings file.
+    server store: PRODSEARCH_STATE_DIR); Calibrate writes the settings file.
     """
     import uvicorn
 
     from prodsearch.index import Index
-    from prodsearch.review.answers import answers_path
     from prodsearch.review.app import create_review_app
     from prodsearch.settings import settings_file
+    from prodsearch.state import state_file
 
     settings = _settings(store, collection)
-    path = answers_path(settings)
+    path = state_file(settings, "review")
     target = write_settings or settings_file()
     # A missing collection or a locked store ends here in a one-line error, not in a failed
     # server start-up; the app then opens the store for itself.

@@ -32,7 +32,7 @@ PAIR_COLUMNS = (
 def write_matches_csv(
     path: Path,
     match_sets: Mapping[str, list[str]],
-    clusters: Mapping[str, int],
+    clusters: Mapping[str, str] | Mapping[str, int],
     rescued: set[str],
 ) -> None:
     """Write `id,matches,cluster,min2`: each product's match set (space-separated ids, the

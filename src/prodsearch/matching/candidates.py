@@ -92,6 +92,57 @@ def collect_candidates(
     return PairTable.from_matches([p.product_id for p in products], results)
 
 
+@dataclass(frozen=True)
+class Neighbourhood:
+    """One product's candidates and its best candidates' candidates, as one table over every
+    product they name: the pairs of the product and of its best candidates carry the same
+    features as in a whole-catalog table (their candidate lists are complete)."""
+
+    table: PairTable
+    #: the payload of every product the table names
+    payloads: dict[str, dict[str, Any]]
+    #: the product whose neighbourhood this is (the table's first id)
+    product: Product
+
+
+def neighbourhood(
+    index: Index,
+    product: Product,
+    search: SearchSettings,
+    depth: int,
+    filters: RelativeFilters = RelativeFilters(),
+    stored: bool = True,
+) -> Neighbourhood:
+    """The neighbourhood table of a product (`product_id` first in the table's ids): its
+    candidates, then the candidates of its `depth` best (by fused score), in two batched engine
+    requests. A product the collection does not hold (`stored` False: a query) is added to its
+    best candidates' lists as the engine would have found it there (the pair's scores are
+    symmetric)."""
+    options = candidate_options(index, search)
+    (first,) = index.match_vectors(
+        [product.vectors], options, [filters.for_product(product.payload)]
+    )
+    first = [m for m in first if m.product_id != product.product_id]
+    nearest = sorted(first, key=lambda m: -m.score)[:depth]
+    neighbours = index.products([m.product_id for m in nearest], with_vectors=True)
+    found = index.match_vectors(
+        [p.vectors for p in neighbours],
+        options,
+        [filters.for_product(p.payload) for p in neighbours],
+    )
+    by_id = {m.product_id: m for m in nearest}
+    for neighbour, matches in zip(neighbours, found, strict=True):
+        if not stored:
+            mine = by_id[neighbour.product_id]
+            matches.append(Match(product.product_id, mine.score, mine.scores, (), product.payload))
+    ids = [p.product_id for p in neighbours]
+    results = [(product.product_id, first), *zip(ids, found, strict=True)]
+    payloads = {product.product_id: product.payload}
+    for _, matches in results:
+        payloads.update((m.product_id, m.payload) for m in matches)
+    return Neighbourhood(PairTable.from_matches(list(payloads), results), payloads, product)
+
+
 def _matches(
     index: Index,
     products: Sequence[Product],

@@ -14,10 +14,12 @@ Two deciders (`DedupSettings.decider`):
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from prodsearch.index import Index, Product
 from prodsearch.matching import decide
@@ -59,9 +61,11 @@ class DedupResult:
         frame = self.table.frame
         return {self.table.ids[a] for a in frame.loc[frame["rule"] == "min-2", "a"].tolist()}
 
-    def write(self, out: Path) -> Path:
-        """Write the match sets to `out` and the audit trail beside it; returns its path."""
-        write_matches_csv(out, self.match_sets(), self.clusters, self.rescued())
+    def write(self, out: Path, cluster_ids: Mapping[str, str] | None = None) -> Path:
+        """Write the match sets to `out` (each product's cluster: its stored id when given, else
+        the run's number) and the audit trail beside it; returns its path."""
+        clusters = cluster_ids or self.clusters
+        write_matches_csv(out, self.match_sets(), clusters, self.rescued())
         audit = out.with_name(out.stem + ".pairs.csv")
         write_pairs_csv(audit, self.table, self.fired_at)
         return audit
@@ -111,7 +115,7 @@ def run_dedup(
         )
     if model is not None:
         with _timed(seconds, "pair model"):
-            _decide_by_pair_model(table, products, model, knobs)
+            decide_by_pair_model(table, products, model, knobs)
         fired_at = {m: search.formula.floors.get(m) for m in MODALITIES}
     else:
         table, search = _decide_by_fusion(index, table, products, knobs, search, filters, seconds)
@@ -122,15 +126,22 @@ def run_dedup(
     return DedupResult(table, clusters, fired_at, decided_by, seconds)
 
 
-def _decide_by_pair_model(
-    table: PairTable, products: Sequence[Product], model: PairModel, knobs: DedupSettings
+def decide_by_pair_model(
+    table: PairTable,
+    products: Sequence[Product],
+    model: PairModel,
+    knobs: DedupSettings,
+    eligible: np.ndarray | None = None,
 ) -> None:
     """The pair model's probabilities (calibrated to the catalog when it has a calibration),
-    its decision and min-2 on the probabilities."""
+    its decision and min-2 on the probabilities; pairs not `eligible` (default: all are) are
+    scored, and count in their neighbours' graph features, but never match."""
     pair = knobs.pair_model
     probability = model.probabilities(table, table_features(table, products))
     if pair.calibration is not None:
         probability = calibrated(probability, pair.calibration)
+    if eligible is not None:
+        probability = np.where(eligible, probability, 0.0)
     decide.record(table, probability >= pair.min_probability, "pair model", probability)
     if knobs.min2:
         decide.record_min2(table, probability, pair.min2_min_probability)

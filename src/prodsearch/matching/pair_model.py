@@ -34,7 +34,7 @@ FOLDS = 5
 #: LightGBM parameters of the fit (fixed seed, deterministic on any thread count)
 LGBM_PARAMS = {
     "objective": "binary",
-    "learning_rate": 0.08,
+    "learning_rate": 0.1,
     "num_leaves": 31,
     "min_child_samples": 20,
     "seed": 0,
@@ -42,7 +42,7 @@ LGBM_PARAMS = {
     "force_row_wise": True,
     "verbose": -1,
 }
-LGBM_ROUNDS = 300
+LGBM_ROUNDS = 200
 
 
 @dataclass

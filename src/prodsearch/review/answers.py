@@ -12,15 +12,15 @@ from __future__ import annotations
 import datetime as dt
 import json
 import sqlite3
-import threading
 from collections.abc import Collection, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from prodsearch.errors import ConfigError
 from prodsearch.labels import PairLabel, read_labels, write_labels
-from prodsearch.settings import Settings
+from prodsearch.state import StateFile
 
 AnswerName = Literal["same", "different", "unsure"]
 ANSWERS: tuple[str, ...] = ("same", "different", "unsure")
@@ -67,39 +67,16 @@ class Answer:
         return frozenset((self.id_a, self.id_b))
 
 
-def answers_path(settings: Settings) -> Path:
-    """Where the review answers of the settings' collection live: `review.db` when set, else
-    `<collection>.review.sqlite` in the embedded (or local-mode) store's directory. Raises
-    ConfigError for a server URL or in-memory store without `review.db`."""
-    if settings.review.db is not None:
-        return Path(settings.review.db)
-    store = settings.store
-    if store.startswith(("http://", "https://")) or store == ":memory:":
-        raise ConfigError(
-            f"the review answers of a store at {store!r} need a file: set PRODSEARCH_REVIEW__DB "
-            "(or `db` under [review] in the settings file) to a path such as ./review.sqlite"
-        )
-    return Path(store.removeprefix("local:")) / f"{settings.collection}{DB_SUFFIX}"
-
-
 class AnswerStore:
     """The answers of one collection's review, in a SQLite file (created when missing)."""
 
     def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(_SCHEMA)
-        except (OSError, sqlite3.Error) as exc:
-            raise ConfigError(f"cannot open the review answers {self.path}: {exc}") from exc
-        self._lock = threading.Lock()
+        self._file = StateFile(path, _SCHEMA, "the review answers")
+        self.path = self._file.path
 
     def close(self) -> None:
         """Close the file."""
-        self._db.close()
+        self._file.close()
 
     def record(self, answers: Sequence[tuple[str, str, str]], source: str = "pair") -> list[Answer]:
         """Store (id_a, id_b, answer) triples as one action, in one transaction; returns them.
@@ -111,7 +88,7 @@ class AnswerStore:
             if id_a == id_b:
                 raise ConfigError(f"product {id_a!r} is paired with itself")
         now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-        with self._lock, self._transaction() as db:
+        with self._transaction() as db:
             action = db.execute("SELECT COALESCE(MAX(action), 0) + 1 FROM answers").fetchone()[0]
             stored = []
             for id_a, id_b, answer in answers:
@@ -129,7 +106,7 @@ class AnswerStore:
     def undo(self) -> list[Answer]:
         """Remove the last action's answers (the pairs' earlier answers, if any, count again);
         returns what was removed (empty when there is nothing to undo)."""
-        with self._lock, self._transaction() as db:
+        with self._transaction() as db:
             rows = db.execute(
                 "SELECT * FROM answers WHERE action = (SELECT MAX(action) FROM answers) "
                 "ORDER BY seq"
@@ -140,11 +117,10 @@ class AnswerStore:
 
     def current(self) -> list[Answer]:
         """Every pair's latest answer, in the order they were given."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT * FROM answers WHERE seq IN "
-                "(SELECT MAX(seq) FROM answers GROUP BY key_a, key_b) ORDER BY seq"
-            ).fetchall()
+        rows = self._file.query(
+            "SELECT * FROM answers WHERE seq IN "
+            "(SELECT MAX(seq) FROM answers GROUP BY key_a, key_b) ORDER BY seq"
+        )
         return [_answer(row) for row in rows]
 
     def labels(self) -> list[PairLabel]:
@@ -172,35 +148,18 @@ class AnswerStore:
     def save_report(self, report: dict[str, Any]) -> None:
         """Keep the latest calibration report (the page shows it again after a reload)."""
         now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-        with self._lock, self._transaction() as db:
+        with self._transaction() as db:
             db.execute(
                 "INSERT INTO reports (made_at, report) VALUES (?, ?)", (now, json.dumps(report))
             )
 
     def last_report(self) -> dict[str, Any] | None:
         """The latest calibration report, or None."""
-        with self._lock:
-            row = self._db.execute(
-                "SELECT report FROM reports ORDER BY seq DESC LIMIT 1"
-            ).fetchone()
-        return json.loads(row[0]) if row else None
+        rows = self._file.query("SELECT report FROM reports ORDER BY seq DESC LIMIT 1")
+        return json.loads(rows[0][0]) if rows else None
 
-    def _transaction(self) -> _Transaction:
-        return _Transaction(self._db)
-
-
-class _Transaction:
-    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on an exception."""
-
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self.db = db
-
-    def __enter__(self) -> sqlite3.Connection:
-        self.db.execute("BEGIN IMMEDIATE")
-        return self.db
-
-    def __exit__(self, kind: object, *_: object) -> None:
-        self.db.execute("ROLLBACK" if kind is not None else "COMMIT")
+    def _transaction(self) -> AbstractContextManager[sqlite3.Connection]:
+        return self._file.transaction()
 
 
 def _answer(row: tuple[Any, ...]) -> Answer:

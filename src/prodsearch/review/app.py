@@ -22,10 +22,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from prodsearch import __version__
 from prodsearch.errors import ProdsearchError
 from prodsearch.index import Index
-from prodsearch.review.answers import AnswerName, AnswerStore, answers_path
+from prodsearch.review.answers import AnswerName, AnswerStore
 from prodsearch.review.report import chart_svg
 from prodsearch.review.session import Progress, ReviewSession
 from prodsearch.settings import Settings
+from prodsearch.state import state_file
 
 STATIC = Path(__file__).parent / "static"
 #: the most pairs one queue request returns
@@ -258,13 +259,13 @@ def create_review_app(
 ) -> FastAPI:
     """Return the review app for the collection `settings` name (or `index`, which is shared
     and stays open after the app stops). At start-up it opens the answers file
-    (`answers_path`) and runs dedup; a calibration is written to `write_settings` when given."""
+    (`state.state_file`) and runs dedup; a calibration is written to `write_settings` when given."""
     settings = settings or (index.settings if index is not None else Settings())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         opened = index or Index(settings=settings)
-        answers = AnswerStore(answers_path(settings))
+        answers = AnswerStore(state_file(settings, "review"))
         session = ReviewSession(opened, answers, write_settings, progress)
         try:
             await run_in_threadpool(session.refresh)

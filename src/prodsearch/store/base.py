@@ -189,6 +189,10 @@ class Store(ABC):
         """Insert or replace points (all named vectors and payload of each point at once)."""
 
     @abstractmethod
+    def set_payload(self, name: str, point_ids: Sequence[str], payload: dict[str, Any]) -> None:
+        """Merge `payload`'s keys into the points' payloads (vectors and other keys kept)."""
+
+    @abstractmethod
     def delete(self, name: str, point_ids: Sequence[str]) -> None:
         """Delete points by id (absent ids are ignored)."""
 

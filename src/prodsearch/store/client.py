@@ -241,6 +241,15 @@ class ClientStore(Store):
         ]
         _engine_call("upsert", lambda: self.client.upsert(name, structs, wait=True))
 
+    def set_payload(self, name: str, point_ids: Sequence[str], payload: dict[str, Any]) -> None:
+        """Merge `payload`'s keys into the points' payloads and wait until applied."""
+        if point_ids:
+            selector = models.PointIdsList(points=list(point_ids))
+            _engine_call(
+                "set payload",
+                lambda: self.client.set_payload(name, payload, points=selector, wait=True),
+            )
+
     def delete(self, name: str, point_ids: Sequence[str]) -> None:
         """Delete points by id."""
         if point_ids:

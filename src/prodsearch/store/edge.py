@@ -305,6 +305,13 @@ class EdgeStore(Store):
         shard = self._shard(name)
         _engine_call("upsert", lambda: shard.update(qe.UpdateOperation.upsert_points(edge_points)))
 
+    def set_payload(self, name: str, point_ids: Sequence[str], payload: dict[str, Any]) -> None:
+        """Merge `payload`'s keys into the points' payloads."""
+        if point_ids:
+            shard = self._shard(name)
+            operation = qe.UpdateOperation.set_payload(list(point_ids), payload)
+            _engine_call("set payload", lambda: shard.update(operation))
+
     def delete(self, name: str, point_ids: Sequence[str]) -> None:
         """Delete points by id."""
         if point_ids:
