@@ -24,7 +24,7 @@ from prodsearch.tables import Table, delimiter_hint, read_table
 
 MAX_TITLE_CHARS = 2_000
 RESERVED_PAYLOAD_KEYS = frozenset(
-    {"product_id", "title", "image_path", "image_phash", "content_hash"}
+    {"product_id", "title", "image_path", "image_phash", "content_hash", "cluster_id"}
 )
 
 _BYTE_ESCAPES = re.compile(r"(?:\\x[0-9a-fA-F]{2})+")

@@ -106,6 +106,7 @@ def ingest_catalog(
     batch_size: int | None = None,
     pipelined: bool = True,
     after_batch: Callable[[list[str]], None] | None = None,
+    build_index: bool = True,
 ) -> IngestReport:
     """Upsert every valid row of `catalog` into `index`'s collection and build the HNSW index.
 
@@ -114,7 +115,9 @@ def ingest_catalog(
     With `pipelined` (the default) one reader thread reads, hashes, checks and decodes the next
     batches while this thread encodes and upserts; the stored result is the same either way.
     `after_batch` is called with each batch's product ids (catalog order) once it is stored
-    (e.g. assigning them to clusters).
+    (e.g. assigning them to clusters). Without `build_index` the engine's search index is not
+    rebuilt at the end (new points are still found: the engine searches them exactly until the
+    next build).
     """
     started = time.perf_counter()
     index.ensure_collection()
@@ -141,7 +144,8 @@ def ingest_catalog(
                     f"ingest: {done}/{len(catalog.rows)} products stored or checked, {rate:,.0f}/s",
                     highlight=False,
                 )
-    index.build()
+    if build_index:
+        index.build()
     report.seconds = time.perf_counter() - started
     if report.rejections and report_path is not None:
         write_rejections(report.rejections, report_path)

@@ -10,16 +10,28 @@ titles costs a third to a half as much per title as one at a time), and the mode
 several threads at once: no dozens of torch thread pools fighting over a few cores, and no fast
 tokenizer shared between threads (a Hugging Face one can raise "Already borrowed" then). A lone
 request waits for nothing.
+
+`Admission` bounds the requests in progress and waiting; past that, 503 with Retry-After; every
+answer it lets through or sheds says in a Server-Timing header how long it waited and took.
+`server_config` is how `prodsearch serve` runs uvicorn: keep-alive and shutdown timeouts from
+the settings.
 """
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import threading
+import time
+from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from starlette.datastructures import MutableHeaders
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from prodsearch.encoders import EncoderInput, EncoderSet, Vector
 from prodsearch.store import (
@@ -31,6 +43,11 @@ from prodsearch.store import (
     Store,
     StoredPoint,
 )
+
+if TYPE_CHECKING:
+    import uvicorn
+
+    from prodsearch.settings import Settings
 
 
 class SerializedStore(Store):
@@ -188,3 +205,117 @@ class BatchingEncoders(EncoderSet):
         for job in batch:
             job.result.set_result(vectors[start : start + len(job.items)])
             start += len(job.items)
+
+
+#: never held back by Admission: a load balancer's health check must get through an overload
+UNLIMITED_PATHS = frozenset(
+    {"/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+)
+RETRY_AFTER_S = 1
+SPARE_THREADS = 8  # worker threads beyond max_active_requests, for the unlimited paths
+
+
+class Admission:
+    """A bounded queue in front of the routes that do work: at most `max_active` requests are
+    worked on at once, at most `max_queued` more wait for a turn (first come, first served) for
+    up to `queue_timeout_s`; any other is answered at once with 503 and Retry-After. Past
+    capacity, clients are told to come back, instead of latency growing without bound (each
+    waiting request holds a connection, a load balancer's slot, and its client's patience).
+    UNLIMITED_PATHS go straight through."""
+
+    def __init__(
+        self, app: ASGIApp, max_active: int, max_queued: int, queue_timeout_s: float
+    ) -> None:
+        self.app = app
+        self.max_active = max_active
+        self.max_queued = max_queued
+        self.queue_timeout_s = queue_timeout_s
+        self.active = 0
+        self._waiting: deque[asyncio.Future[None]] = deque()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in UNLIMITED_PATHS:
+            await self.app(scope, receive, send)
+            return
+        arrived = time.perf_counter()
+        admitted = await self._take_turn()
+        send = _timed(send, arrived, time.perf_counter())
+        if not admitted:
+            detail = (
+                f"over capacity: {self.active} requests in progress and {len(self._waiting)} "
+                f"waiting; retry after {RETRY_AFTER_S} s"
+            )
+            headers = {"Retry-After": str(RETRY_AFTER_S)}
+            await JSONResponse({"detail": detail}, 503, headers)(scope, receive, send)
+            return
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self._end_turn()
+
+    async def _take_turn(self) -> bool:
+        """Return True once the request may go on; False when the queue is full or its wait
+        timed out."""
+        if self.active < self.max_active and not self._waiting:
+            self.active += 1
+            return True
+        if len(self._waiting) >= self.max_queued:
+            return False
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.append(turn)
+        admitted = False
+        try:
+            # shielded: a timeout must not cancel a turn handed over in the same instant
+            await asyncio.wait_for(asyncio.shield(turn), self.queue_timeout_s)
+            admitted = True
+        except TimeoutError:
+            pass
+        finally:
+            if not admitted:  # timed out, or the request itself was cancelled
+                if turn.done():
+                    self._end_turn()  # the turn came too late for this request: pass it on
+                else:
+                    turn.cancel()
+                    self._waiting.remove(turn)
+        return admitted
+
+    def _end_turn(self) -> None:
+        """Hand the turn to the longest-waiting request, or free it."""
+        if self._waiting:
+            self._waiting.popleft().set_result(None)
+        else:
+            self.active -= 1
+
+
+def _timed(send: Send, arrived: float, admitted: float) -> Send:
+    """`send` adding a Server-Timing header to the response: `queue` (the wait for a turn) and
+    `total` (from the request's arrival to its response), in ms. A client's own latency minus
+    `total` is time spent outside this process: the network, or the client itself."""
+
+    async def timed(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            queued_ms = (admitted - arrived) * 1000
+            total_ms = (time.perf_counter() - arrived) * 1000
+            timing = f"queue;dur={queued_ms:.0f}, total;dur={total_ms:.0f}"
+            MutableHeaders(scope=message).append("Server-Timing", timing)
+        await send(message)
+
+    return timed
+
+
+def server_config(
+    app: ASGIApp, settings: Settings, host: str, port: int, log_level: str
+) -> uvicorn.Config:
+    """Return the uvicorn configuration `prodsearch serve` runs `app` with: its connection
+    timeouts come from `settings` (uvicorn's own defaults close idle keep-alive connections
+    after 5 s, sooner than a load balancer or an HTTP client pool lets go of them)."""
+    import uvicorn
+
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        timeout_keep_alive=settings.keep_alive_timeout_s,
+        timeout_graceful_shutdown=settings.shutdown_timeout_s,
+    )

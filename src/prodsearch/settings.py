@@ -260,8 +260,32 @@ class Settings(BaseSettings):
     )
     max_request_bytes: int = Field(20_000_000, ge=1, description="Largest API request body.")
     max_batch_products: int = Field(1_000, ge=1, description="Most products per POST /products.")
+    index_after_writes: int = Field(
+        1_000,
+        ge=1,
+        description="Products the API writes before it rebuilds the engine's search index (new "
+        "ones are searched exactly until then).",
+    )
     encode_batch_size: int = Field(
         32, ge=1, description="Concurrent API requests encoded together (1 = one at a time)."
+    )
+    max_active_requests: int = Field(
+        32, ge=1, description="API requests worked on at once (every route but /health, docs)."
+    )
+    max_queued_requests: int = Field(
+        64, ge=0, description="API requests waiting for a turn; past that, 503 with Retry-After."
+    )
+    queue_timeout_s: float = Field(
+        10.0, gt=0, description="Longest wait for a turn before a queued request gets 503."
+    )
+    # A load balancer reuses idle connections for up to its own idle timeout (60 s on AWS ALB
+    # and nginx): the server must keep them longer, or it closes one just as a request is sent
+    # on it, and the balancer answers 502 (deploy/README.md, "Connections and overload").
+    keep_alive_timeout_s: int = Field(
+        75, ge=1, description="Seconds an idle HTTP keep-alive connection is kept open."
+    )
+    shutdown_timeout_s: int = Field(
+        20, ge=1, description="On SIGTERM, seconds in-flight requests get to finish."
     )
 
     # Collection creation on a Qdrant server or cluster (the embedded engine is one shard).

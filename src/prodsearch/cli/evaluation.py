@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -18,10 +18,6 @@ from prodsearch.cli.common import (
     stderr,
 )
 from prodsearch.errors import ConfigError
-
-if TYPE_CHECKING:
-    pass
-
 
 EncodersOption = Annotated[
     str | None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -22,9 +22,6 @@ from prodsearch.cli.common import (
     stderr,
 )
 from prodsearch.errors import ConfigError
-
-if TYPE_CHECKING:
-    pass
 
 
 class Decider(StrEnum):

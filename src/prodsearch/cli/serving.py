@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated
+from enum import StrEnum
+from typing import Annotated
 
 import typer
 
@@ -15,8 +16,16 @@ from prodsearch.cli.common import (
     stderr,
 )
 
-if TYPE_CHECKING:
-    pass
+
+class LogLevel(StrEnum):
+    """uvicorn's log levels (`trace` adds every connection opened and closed)."""
+
+    critical = "critical"
+    error = "error"
+    warning = "warning"
+    info = "info"
+    debug = "debug"
+    trace = "trace"
 
 
 @app.command()
@@ -26,17 +35,21 @@ def serve(
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8000,
     store: StoreOption = None,
     collection: CollectionOption = None,
+    log_level: Annotated[LogLevel, typer.Option(help="The server's log level.")] = LogLevel.info,
 ) -> None:
     """Serve the HTTP API (POST /match, POST /products, GET /health; OpenAPI at /docs).
 
     One process holds the models and the store; PRODSEARCH_API_KEY makes every route but
     /health require an X-API-Key header. The embedded engine allows one process per store
-    directory: for several servers, use a Qdrant server (--store http://...).
+    directory: for several servers, use a Qdrant server (--store http://...). Connection
+    timeouts and the request queue: PRODSEARCH_KEEP_ALIVE_TIMEOUT_S, PRODSEARCH_SHUTDOWN_TIMEOUT_S,
+    PRODSEARCH_MAX_ACTIVE_REQUESTS, PRODSEARCH_MAX_QUEUED_REQUESTS (deploy/README.md).
     """
     import uvicorn
 
     from prodsearch.api import create_app
     from prodsearch.index import Index
+    from prodsearch.serving import server_config
     from prodsearch.store import open_store
 
     settings = _settings(store, collection)
@@ -53,4 +66,5 @@ def serve(
                 f"collection {index.collection!r} does not exist yet: POST /products or "
                 "`prodsearch ingest` creates it"
             )
-    uvicorn.run(create_app(settings), host=host, port=port)
+    config = server_config(create_app(settings), settings, host, port, log_level.value)
+    uvicorn.Server(config).run()

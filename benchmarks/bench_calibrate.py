@@ -1,0 +1,202 @@
+"""Calibration benchmark: how far a few dozen answers from the review page's queue take a catalog
+the pair model never saw.
+
+    .venv/bin/python benchmarks/bench_calibrate.py [--data DIR] [--workdir DIR]
+                                                   [--catalogs wdc_computers,...] [--png FILE]
+
+For each product_pairs catalog: the pair model is fitted on the other catalogs only (as in
+bench_transfer); the catalog under review is every record of its train and valid pairs, decided
+by that model. A simulated user answers the page's own queue (`review.queue.next_batch`: the
+uncertain pairs first, spread over products and signal patterns) from the catalog's TRAIN labels
+(a labelled pair as labelled, a pair inside one chain of positive labels "same"; any other pair
+"not sure", which is not counted as an answer). After 0, 25, 50, 100 and 200 answers the catalog
+is calibrated on them (`matching.calibrate`) and its VALID pairs scored (pair F1, a pair predicted
+same when either direction is decided); beside it, the same counts of randomly chosen train
+labels, and calibrating on the whole train split. Prints a table; writes a PNG of the curves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from prodsearch.catalog import CatalogRow  # noqa: E402
+from prodsearch.eval.metrics import pair_scores  # noqa: E402
+from prodsearch.eval.training import (  # noqa: E402
+    CATALOGS,
+    PAIR_CATALOGS,
+    LabelledCollection,
+    fit_pair_model,
+    ingest_labelled,
+    label_collection,
+    open_catalog,
+)
+from prodsearch.index import Index  # noqa: E402
+from prodsearch.labels import PairLabel, label_groups, read_pair_file  # noqa: E402
+from prodsearch.matching.calibrate import Calibration, calibrate  # noqa: E402
+from prodsearch.matching.features import table_features  # noqa: E402
+from prodsearch.matching.table import PairTable  # noqa: E402
+from prodsearch.review.queue import next_batch, review_pairs  # noqa: E402
+
+COUNTS = (0, 25, 50, 100, 200)
+LOG = Console(stderr=True)
+
+
+def review_catalog(data: Path, name: str, base: Index) -> tuple[LabelledCollection, list, list]:
+    """Every record of the catalog's train and valid pairs in one collection; its train and
+    valid labels."""
+    folder = data / "product_pairs" / name
+    train_rows, train = read_pair_file(folder / "train.txt")
+    valid_rows, valid = read_pair_file(folder / "valid.txt")
+    rows: dict[str, CatalogRow] = {r.product_id: r for r in [*train_rows, *valid_rows]}
+    ordered = [r.model_copy(update={"row": i}) for i, r in enumerate(rows.values(), start=1)]
+    index = Index(base.store, f"{name}-review", base.settings, base.encoders)
+    products = ingest_labelled(index, f"{name}-review", ordered, LOG)
+    return LabelledCollection(f"{name}-review", index, products, labels=valid), train, valid
+
+
+def oracle(train: list[PairLabel], ids: list[str]) -> dict[frozenset[str], bool]:
+    """The simulated user's knowledge: train labels, and pairs inside one chain of positives."""
+    known = {label.key: label.same for label in train}
+    groups = label_groups(ids, train)
+    members: dict[int, list[str]] = {}
+    for pid, group in groups.items():
+        members.setdefault(group, []).append(pid)
+    for group in members.values():
+        for i, a in enumerate(group):
+            for b in group[i + 1 :]:
+                known.setdefault(frozenset((a, b)), True)
+    return known
+
+
+def queue_answers(table: PairTable, min_probability: float, known: dict, n: int) -> list:
+    """The first `n` same/different answers the page's queue gets from the simulated user."""
+    fired = {m: 0.0 for m in ("text", "chars", "charcnn", "image", "phash")}
+    pairs = review_pairs(table, fired, min_probability)
+    keys = pairs.keys()
+    asked: set[frozenset[str]] = set()
+    answers: list[PairLabel] = []
+    while len(answers) < n:
+        side = 0
+        if answers and all(a.same for a in answers):
+            side = -1
+        elif answers and not any(a.same for a in answers):
+            side = 1
+        batch = next_batch(pairs, asked, 10, side)
+        if not batch:
+            break
+        for row in batch:
+            key = keys[row]
+            asked.add(key)
+            if key in known and len(answers) < n:
+                a, b = sorted(key)
+                answers.append(PairLabel(a, b, known[key]))
+    return answers
+
+
+def valid_f1(table: PairTable, probability: np.ndarray, minimum: float, valid: list) -> float:
+    """Pair F1 on the valid labels of deciding the table at `minimum`."""
+    matched = probability >= minimum
+    ids = table.ids
+    predicted = {
+        frozenset((ids[a], ids[b]))
+        for a, b in zip(table.a[matched].tolist(), table.b[matched].tolist(), strict=True)
+    }
+    return pair_scores(predicted, [(x.id_a, x.id_b, x.same) for x in valid]).f1
+
+
+def calibrated_f1(table: PairTable, raw: np.ndarray, labels: list, valid: list) -> float:
+    """Valid F1 after calibrating on `labels` (the operating point it chooses)."""
+    scored = PairTable(table.ids, table.frame.assign(probability=raw))
+    fitted: Calibration = calibrate(scored, labels)
+    return valid_f1(table, fitted.apply(raw), fitted.min_probability, valid)
+
+
+def one_catalog(data: Path, name: str, base: Index, fit: dict) -> dict:
+    """The curves of one held-out catalog."""
+    model, minimum, _ = fit_pair_model([fit[n] for n in CATALOGS if n != name])
+    collection, train, valid = review_catalog(data, name, base)
+    labelled = label_collection(collection)
+    table = labelled.table
+    raw = model.probabilities(table, table_features(table, collection.products))
+    table.frame["probability"] = raw
+    table.frame["match"] = raw >= minimum
+    table.frame["rule"] = np.where(raw >= minimum, "pair model", "")
+    known = oracle(train, table.ids)
+    candidates = [PairLabel(*sorted(key), same) for key, same in known.items() if len(key) == 2]
+    rng = np.random.default_rng(0)
+    curves: dict[str, list[float]] = {"queue": [], "random": []}
+    for n in COUNTS:
+        if n == 0:
+            label_free = valid_f1(table, raw, minimum, valid)
+            curves["queue"].append(label_free)
+            curves["random"].append(label_free)
+            continue
+        curves["queue"].append(
+            calibrated_f1(table, raw, queue_answers(table, minimum, known, n), valid)
+        )
+        picked = [candidates[i] for i in rng.choice(len(candidates), n, replace=False)]
+        curves["random"].append(calibrated_f1(table, raw, picked, valid))
+    whole = calibrated_f1(table, raw, train, valid)
+    return {"curves": curves, "whole": whole, "label_free": curves["queue"][0]}
+
+
+def main() -> None:
+    """Run the benchmark (see the module docstring)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--catalogs", default=",".join(PAIR_CATALOGS))
+    parser.add_argument("--png", type=Path, default=Path("bench_calibrate.png"))
+    args = parser.parse_args()
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="prodsearch-calibrate-"))
+    started = time.perf_counter()
+    results = {}
+    with Index(str(workdir / "store"), "base") as base:
+        fit = {n: label_collection(open_catalog(args.data, n, "fit", base, LOG)) for n in CATALOGS}
+        for name in args.catalogs.split(","):
+            LOG.print(f"calibrating {name}")
+            results[name] = one_catalog(args.data, name, base, fit)
+    print(f"\npair F1 on valid after N answers ({time.perf_counter() - started:.0f} s)\n")
+    print("| catalog | labels from | " + " | ".join(str(n) for n in COUNTS) + " | whole train |")
+    print("|---|---|" + "---|" * (len(COUNTS) + 1))
+    for name, result in results.items():
+        for kind in ("queue", "random"):
+            cells = " | ".join(f"{v:.3f}" for v in result["curves"][kind])
+            print(f"| {name} | {kind} | {cells} | {result['whole']:.3f} |")
+    plot(results, args.png)
+    print(f"\ncurves: {args.png}")
+
+
+def plot(results: dict, path: Path) -> None:
+    """The curves as a PNG: one panel a catalog, the queue's and random labels' F1 by answers,
+    the whole-train calibration as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), squeeze=False)
+    for axis, (name, result) in zip(axes[0], results.items(), strict=True):
+        for kind, style in (("queue", "o-"), ("random", "s--")):
+            axis.plot(COUNTS, result["curves"][kind], style, label=f"{kind} labels")
+        axis.axhline(result["whole"], color="grey", linestyle=":", label="whole train")
+        axis.set_title(name)
+        axis.set_xlabel("answers")
+        axis.set_ylabel("pair F1 on valid")
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+
+
+if __name__ == "__main__":
+    main()
