@@ -14,7 +14,12 @@ from qdrant_client import models
 
 from prodsearch.catalog import read_catalog
 from prodsearch.encoders.base import SparseVec
-from prodsearch.errors import CollectionNotFoundError, EncoderMismatchError, StoreError
+from prodsearch.errors import (
+    CollectionNotFoundError,
+    EncoderMismatchError,
+    StoreError,
+    StoreLockedError,
+)
 from prodsearch.filters import FilterSpec
 from prodsearch.index import Index
 from prodsearch.ingest import ingest_catalog
@@ -126,6 +131,25 @@ def test_invalid_collection_names_are_refused(store: Store) -> None:
         with pytest.raises(StoreError, match="/"):
             store.create_collection(name, MANIFEST)
     assert not store.has_collection("b")
+
+
+def test_an_embedded_collection_open_elsewhere_is_locked_not_deleted(tmp_path) -> None:
+    with EdgeStore(tmp_path) as holder, EdgeStore(tmp_path) as other:
+        holder.create_collection("products", MANIFEST)  # its shard is open from here on
+        for attempt in (
+            lambda: other.count("products"),
+            lambda: other.upsert("products", _points()[:1]),
+            lambda: other.delete_collection("products"),
+        ):
+            with pytest.raises(StoreLockedError, match=r"'products' in .* is open in another"):
+                attempt()
+        assert other.has_collection("products") and holder.count("products") == 0
+        holder.close()
+        other.upsert("products", _points()[:1])
+        assert other.count("products") == 1
+        other.close()
+        holder.delete_collection("products")
+        assert not holder.has_collection("products")
 
 
 @pytest.mark.parametrize("location", [":memory:", "local"])

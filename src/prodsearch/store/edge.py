@@ -225,9 +225,17 @@ class EdgeStore(Store):
         )
 
     def delete_collection(self, name: str) -> None:
-        """Close the collection's shard and remove its directory."""
+        """Close the collection's shard and remove its directory; raises StoreLockedError
+        while another process has it open (its files are not removed under it)."""
         self._close_shard(name)
-        shutil.rmtree(self._dir(name), ignore_errors=True)
+        directory = self._dir(name)
+        if not directory.is_dir():
+            return
+        lock = _lock_collection(directory)
+        try:
+            shutil.rmtree(directory, ignore_errors=True)
+        finally:
+            os.close(lock)
 
     def _close_shard(self, name: str) -> None:
         shard = self._shards.pop(name, None)
