@@ -3,6 +3,13 @@
     nice -n 19 .venv/bin/python benchmarks/bench_scale.py [--n 1000000] [--queries 200]
         [--datatype float16|float32] [--ef default,64,128,256,auto] [--batch 1000] [--seed 0]
         [--dir /tmp/somewhere (kept; default: a temporary directory, removed)]
+    nice -n 19 .venv/bin/python benchmarks/bench_scale.py --compare [--n 20000]
+        [--sparse-query-terms 16] [--sparse-candidates 200]
+
+`--compare` prints both sides of the two settings' claims from one run: the same points built
+into a float32 and a float16 collection, each queried with chars searched by the whole query and
+cut to its `--sparse-query-terms` heaviest terms (default 16); recall@10 of every row is against
+one reference (the float32 collection's exact answer to the whole query), so the rows compare.
 
 Synthetic products with the real vectors' dimensions and structure (as in QDRANT.md, "Scale"):
 N/4 products with 4 near-duplicate variants each, in 2,000 topic groups.
@@ -44,29 +51,15 @@ from collections.abc import Sequence  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
+from scale_catalog import MANIFEST, VARIANTS, Catalog, make_queries  # noqa: E402
 
 from prodsearch.encoders import EncoderSet  # noqa: E402
-from prodsearch.encoders.base import SparseVec  # noqa: E402
 from prodsearch.index import Index  # noqa: E402
 from prodsearch.settings import Settings  # noqa: E402
-from prodsearch.store import FusedQuery, Hit, Manifest, PointRecord, point_id  # noqa: E402
+from prodsearch.store import FusedQuery, Hit  # noqa: E402
 from prodsearch.store.edge import EdgeStore  # noqa: E402
 
-DIM, PHASH_BITS = 384, 64
-TOPICS, VARIANTS = 2_000, 4
-PRODUCT_NOISE, VARIANT_NOISE = 1.0, 0.4  # cos(products of a topic) ~0.5, cos(variants) ~0.86
-VOCAB, ZIPF_S = 30_000, 1.05
-TOPIC_GRAMS, PRODUCT_GRAMS, DROP, TYPO_GRAMS = 12, 72, 0.15, 7
-FLIPPED_BITS = 3
 COLLECTION = "products"
-MANIFEST = Manifest(
-    vectors={
-        "text": {"dim": DIM, "distance": "cosine"},
-        "chars": {"dim": None, "distance": "dot"},
-        "phash": {"dim": PHASH_BITS, "distance": "dot"},
-    },
-    encoders={},
-)
 
 
 def log(message: str) -> None:
@@ -82,89 +75,6 @@ def peak_rss_gb() -> float:
 def disk_gb(path: Path) -> float:
     """Disk space allocated under `path`, in GB (as `du`: the engine preallocates sparse files)."""
     return sum(f.stat().st_blocks * 512 for f in path.rglob("*") if f.is_file()) / 1e9
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
-
-
-class Catalog:
-    """The synthetic catalog: every draw is seeded by (seed, batch), so a batch can be rebuilt."""
-
-    def __init__(self, seed: int, products_per_batch: int) -> None:
-        self.seed = seed
-        self.per_batch = products_per_batch
-        rng = np.random.default_rng([seed, 0])
-        self.centres = _unit(rng.normal(size=(TOPICS, DIM)))
-        # Zipf 3-gram vocabulary, hashed into the chars encoder's 2**20 feature space.
-        freq = 1.0 / np.arange(1, VOCAB + 1) ** ZIPF_S
-        self.p_gram = freq / freq.sum()
-        self.cdf = np.cumsum(self.p_gram)
-        self.gram_index = rng.choice(2**20, size=VOCAB, replace=False).astype(np.int64)
-        expected_df = 1.0 - np.exp(-self.p_gram * (TOPIC_GRAMS + PRODUCT_GRAMS))
-        self.sqrt_idf = np.sqrt(np.log1p((1 - expected_df + 0.5 / 1e6) / (expected_df + 0.5 / 1e6)))
-        self.topic_grams = self._grams(rng, (TOPICS, TOPIC_GRAMS))
-
-    def _grams(self, rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
-        return np.minimum(np.searchsorted(self.cdf, rng.random(shape)), VOCAB - 1)
-
-    def products(self, batch: int) -> dict[str, np.ndarray]:
-        """The product-level draws of one batch (its products' anchors, grams and hashes)."""
-        rng = np.random.default_rng([self.seed, 1, batch])
-        n = self.per_batch
-        topic = rng.integers(TOPICS, size=n)
-        noise = rng.normal(size=(n, DIM)).astype(np.float32) * (PRODUCT_NOISE / np.sqrt(DIM))
-        anchor = _unit(self.centres[topic] + noise)
-        grams = np.concatenate(
-            [self.topic_grams[topic], self._grams(rng, (n, PRODUCT_GRAMS))], axis=1
-        )
-        bits = rng.random((n, PHASH_BITS)) < 0.5
-        return {"anchor": anchor, "grams": grams, "bits": bits}
-
-    def variants(
-        self, products: dict[str, np.ndarray], rng: np.random.Generator, rows: np.ndarray
-    ) -> tuple[np.ndarray, list[SparseVec], np.ndarray]:
-        """One variant of each product in `rows`: text, chars and phash vectors."""
-        n = len(rows)
-        noise = rng.normal(size=(n, DIM)).astype(np.float32) * (VARIANT_NOISE / np.sqrt(DIM))
-        text = _unit(products["anchor"][rows] + noise)
-        keep = rng.random((n, TOPIC_GRAMS + PRODUCT_GRAMS)) >= DROP
-        typos = self._grams(rng, (n, TYPO_GRAMS))
-        chars = []
-        for i, row in enumerate(rows):
-            grams = np.unique(np.concatenate([products["grams"][row][keep[i]], typos[i]]))
-            idx = self.gram_index[grams]
-            order = np.argsort(idx)
-            weights = self.sqrt_idf[grams][order]
-            values = weights / np.sqrt(np.sum(weights**2 * weights**2))
-            chars.append(SparseVec(idx[order], values.astype(np.float32)))
-        bits = products["bits"][rows].copy()
-        flips = np.argsort(rng.random((n, PHASH_BITS)), axis=1)[:, :FLIPPED_BITS]
-        np.put_along_axis(bits, flips, ~np.take_along_axis(bits, flips, axis=1), axis=1)
-        phash = np.where(bits, 0.125, -0.125).astype(np.float32)
-        return text, chars, phash
-
-    def batch(self, batch: int) -> list[PointRecord]:
-        """The points of one batch: every variant of its products."""
-        products = self.products(batch)
-        rng = np.random.default_rng([self.seed, 2, batch])
-        rows = np.repeat(np.arange(self.per_batch), VARIANTS)
-        text, chars, phash = self.variants(products, rng, rows)
-        points = []
-        for i, row in enumerate(rows):
-            product = batch * self.per_batch + int(row)
-            pid = f"s{product}-{i % VARIANTS}"
-            vectors = {"text": text[i], "chars": chars[i], "phash": phash[i]}
-            payload = {"product_id": pid, "group": product, "price": float(product % 997)}
-            points.append(PointRecord(point_id(pid), vectors, payload))
-        return points
-
-    def query(self, batch: int, row: int, number: int) -> dict[str, object]:
-        """A new (5th) variant of product `row` of `batch`, as the query's named vectors."""
-        products = self.products(batch)
-        rng = np.random.default_rng([self.seed, 3, number])
-        text, chars, phash = self.variants(products, rng, np.array([row]))
-        return {"text": text[0], "chars": chars[0], "phash": phash[0]}
 
 
 def percentiles(times: Sequence[float]) -> tuple[float, float, float]:
@@ -198,6 +108,18 @@ def recall_at_10(approx: list[Hit], exact: list[Hit], k: int = 10) -> float | No
         h.point_id for h in exact if abs(h.score - kth) <= 1e-6 * max(1.0, abs(kth))
     }
     return sum(h.point_id in accepted for h in approx[:k]) / len(top)
+
+
+def near_dups_found(results: list[list[Hit]], truth: list[set[str]]) -> float:
+    """Mean share of each query's 4 true variants among its hits."""
+    return float(
+        np.mean(
+            [
+                len(t & {h.point_id for h in a}) / VARIANTS
+                for a, t in zip(results, truth, strict=True)
+            ]
+        )
+    )
 
 
 def build(
@@ -242,12 +164,7 @@ def run(args: argparse.Namespace) -> None:
         else:
             upsert_time, build_s, rss_build, size = build(store, catalog, batches, root)
 
-        rng = np.random.default_rng([args.seed, 4])
-        picks = rng.integers(batches * per_batch, size=args.queries)
-        queries = [
-            catalog.query(int(p) // per_batch, int(p) % per_batch, i) for i, p in enumerate(picks)
-        ]
-        truth = [{point_id(f"s{p}-{v}") for v in range(VARIANTS)} for p in picks]
+        queries, truth = make_queries(catalog, args.seed, args.queries, batches)
 
         settings = Settings(
             sparse_query_terms=args.sparse_query_terms, sparse_candidates=args.sparse_candidates
@@ -295,12 +212,7 @@ def run(args: argparse.Namespace) -> None:
                 for a, e in zip(results, exact, strict=True)
                 if (r := recall_at_10(a, e)) is not None
             ]
-            dups = np.mean(
-                [
-                    len(t & {h.point_id for h in a}) / VARIANTS
-                    for a, t in zip(results, truth, strict=True)
-                ]
-            )
+            dups = near_dups_found(results, truth)
             rows.append(
                 (
                     ef,
@@ -366,9 +278,95 @@ def run(args: argparse.Namespace) -> None:
     print(f"\n{verdict}")
 
 
+def interleaved(
+    stores: dict[str, EdgeStore], requests: dict[tuple, list[FusedQuery]]
+) -> tuple[dict[tuple, list[float]], dict[tuple, list[list[Hit]]]]:
+    """Time every configuration's i-th request one after the other, for each i (after 20
+    warm-up rounds): the machine's load drifts the same way for every side of a comparison.
+    `requests` are keyed (datatype, ...); returns seconds and hits under the same keys."""
+    times: dict[tuple, list[float]] = {key: [] for key in requests}
+    results: dict[tuple, list[list[Hit]]] = {key: [] for key in requests}
+    rounds = len(next(iter(requests.values())))
+    for i in range(min(20, rounds)):
+        for key, queries in requests.items():
+            stores[key[0]].query_batch(COLLECTION, [queries[i]])
+    for i in range(rounds):
+        for key, queries in requests.items():
+            started = time.perf_counter()
+            results[key].append(stores[key[0]].query_batch(COLLECTION, [queries[i]])[0])
+            times[key].append(time.perf_counter() - started)
+    return times, results
+
+
+def compare(args: argparse.Namespace) -> None:
+    """Both sides of "float16 loses no recall" and of the sparse cut, from one run."""
+    per_batch = args.batch // VARIANTS
+    batches = max(1, args.n // (per_batch * VARIANTS))
+    n = batches * per_batch * VARIANTS
+    catalog = Catalog(args.seed, per_batch)
+    root = Path(tempfile.mkdtemp(prefix="bench_scale_compare_"))
+    terms = args.sparse_query_terms or 16
+    stores = {dt: EdgeStore(root / dt, dense_datatype=dt) for dt in ("float32", "float16")}
+    try:
+        built = {dt: build(store, catalog, batches, root / dt) for dt, store in stores.items()}
+        queries, truth = make_queries(catalog, args.seed, args.queries, batches)
+        reference = Index(stores["float32"], COLLECTION, Settings(), EncoderSet({}))
+        reference.check_encoders()
+        exact = []
+        for q in queries:
+            request = reference.fused_request(q)
+            request = dataclasses.replace(request, exact=True, limit=request.limit + 40)
+            exact.append(stores["float32"].query_batch(COLLECTION, [request])[0])
+        configs = [(dt, cut) for dt in stores for cut in (None, terms)]
+        requests = {}
+        for dt, cut in configs:
+            settings = Settings(sparse_query_terms=cut, sparse_candidates=args.sparse_candidates)
+            index = Index(stores[dt], COLLECTION, settings, EncoderSet({}))
+            requests[dt, cut, "fused"] = [index.fused_request(q) for q in queries]
+            requests[dt, cut, "chars"] = [
+                index.fused_request({"chars": q["chars"]}) for q in queries
+            ]
+        times, results = interleaved(stores, requests)
+        rows = []
+        for dt, cut in configs:
+            fused = results[dt, cut, "fused"]
+            recalls = [recall_at_10(a, e) for a, e in zip(fused, exact, strict=True)]
+            recall = float(np.mean([r for r in recalls if r is not None]))
+            rows.append(
+                (
+                    dt,
+                    cut,
+                    *percentiles(times[dt, cut, "fused"])[:2],
+                    *percentiles(times[dt, cut, "chars"])[:2],
+                    recall,
+                    near_dups_found(fused, truth),
+                )
+            )
+    finally:
+        for store in stores.values():
+            store.close()
+        shutil.rmtree(root, ignore_errors=True)
+    print(f"### bench_scale --compare: N={n:,}, {len(queries)} queries, one run\n")
+    print("| dense datatype | disk GB | build s |")
+    print("|---|---|---|")
+    for dt, (_, build_s, _, size) in built.items():
+        print(f"| {dt} | {size:.3f} | {build_s:.1f} |")
+    print(
+        "\n| dense datatype | chars query | fused p50 / p95 ms | chars alone p50 / p95 ms "
+        "| recall@10 vs float32 exact | 4 near-dups found |"
+    )
+    print("|---|---|---|---|---|---|")
+    for dt, cut, f50, f95, c50, c95, recall, dups in rows:
+        query = f"{cut} heaviest terms, top {args.sparse_candidates}" if cut else "whole query"
+        print(
+            f"| {dt} | {query} | {f50:.2f} / {f95:.2f} | {c50:.2f} / {c95:.2f} | {recall:.4f} "
+            f"| {dups:.3f} |"
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=1_000_000)
+    parser.add_argument("--n", type=int, help="points (default 1,000,000; 20,000 --compare)")
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--datatype", choices=("float16", "float32"), default="float16")
     parser.add_argument(
@@ -384,7 +382,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--sparse-candidates", type=int, default=200)
     parser.add_argument("--dir", help="build the store here and keep it (default: temporary)")
-    run(parser.parse_args(argv))
+    parser.add_argument(
+        "--compare",
+        action="store_true",
+        help="float32 vs float16 and the sparse cut off vs on, on the same points in one run",
+    )
+    args = parser.parse_args(argv)
+    if args.n is None:
+        args.n = 20_000 if args.compare else 1_000_000
+    (compare if args.compare else run)(args)
 
 
 if __name__ == "__main__":

@@ -18,23 +18,30 @@ from prodsearch.recipes import load_recipe
 from prodsearch.settings import Settings
 from prodsearch.store import Store, open_store
 
+from .generated import labelled_catalog
+
 REPO = Path(__file__).resolve().parents[1]
-# The shared data sits beside the checkout; PRODSEARCH_DATA_DIR points elsewhere.
-_DATA_CANDIDATES = [
-    Path(p)
-    for p in (
-        os.environ.get("PRODSEARCH_DATA_DIR"),
-        REPO.parent / "shared" / "data",
-        "/work/shared/data",
-    )
-    if p
-]
+# The shared data sits beside the checkout; PRODSEARCH_DATA_DIR points elsewhere, and only there
+# (PRODSEARCH_DATA_DIR=/nonexistent runs the tests as a fresh clone without the data would).
+_DATA_CANDIDATES = (
+    [Path(os.environ["PRODSEARCH_DATA_DIR"])]
+    if os.environ.get("PRODSEARCH_DATA_DIR")
+    else [REPO.parent / "shared" / "data", Path("/work/shared/data")]
+)
 DATA = next((p for p in _DATA_CANDIDATES if p.is_dir()), _DATA_CANDIDATES[0])
 SHOPEE = DATA / "shopee" / "train.csv"
 SPLIT = DATA / "shopee" / "split.csv"
 SAMPLE = REPO / "ingest" / "sample"
 
-needs_shopee = pytest.mark.skipif(not SHOPEE.is_file(), reason=f"Shopee data not found at {SHOPEE}")
+
+def needs_data(*paths: Path) -> pytest.MarkDecorator:
+    """Skip unless every one of the shared data's `paths` (files or folders) is there."""
+    missing = [str(p) for p in paths if not p.exists()]
+    return pytest.mark.skipif(bool(missing), reason=f"shared data not found: {', '.join(missing)}")
+
+
+#: every file the Shopee fixtures (`shopee_groups`, `shopee_csv`, `shopee_index`) read
+needs_shopee = needs_data(SHOPEE, SPLIT)
 
 
 def _docker_available() -> bool:
@@ -116,5 +123,24 @@ def shopee_index(tmp_path, encoders, shopee_csv) -> Index:
     frame.to_csv(shopee_csv, index=False)
     index = Index(str(tmp_path / "store"), "products", Settings(), encoders)
     ingest_catalog(index, read_catalog(shopee_csv, load_recipe("shopee")))
+    yield index
+    index.close()
+
+
+@pytest.fixture
+def catalog_csv(tmp_path: Path) -> Path:
+    """The generated labelled catalog (tests/generated.py: 60 products, 184 listings with a photo
+    hash, price, category, seller and label_group), redistributable: on every machine."""
+    path = tmp_path / "catalog.csv"
+    labelled_catalog().to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture
+def catalog_index(tmp_path, encoders, catalog_csv) -> Index:
+    """The generated labelled catalog in an embedded store (the shipped pair model's modalities:
+    text, chars, phash; category, seller and price for the relative filters)."""
+    index = Index(str(tmp_path / "store"), "products", Settings(), encoders)
+    ingest_catalog(index, read_catalog(catalog_csv, load_recipe("generic")))
     yield index
     index.close()

@@ -2,9 +2,7 @@
 (`generated.py`) with a perceptual hash each, so the collection has the shipped pair model's
 modalities (text, chars, phash) and every candidate pair gets a probability.
 
-The hashes are made to leave some pairs in doubt: most listings carry their product's photo
-hash with a few bits flipped, some a photo of their own, and every other product's photo looks
-like its neighbour's (a product line shot the same way).
+The hashes are made to leave some pairs in doubt (`generated.photo_hashes`).
 """
 
 from __future__ import annotations
@@ -19,28 +17,17 @@ from prodsearch.index import Index
 from prodsearch.ingest import ingest_catalog
 from prodsearch.recipes import load_recipe
 
-from .generated import listings
-
-
-def _flip(value: int, bits: int, rng: random.Random) -> int:
-    for position in rng.sample(range(64), bits):
-        value ^= 1 << position
-    return value
+from .generated import listings, photo_hashes
 
 
 def write_phash_catalog(path: Path, n_groups: int = 30, seed: int = 0) -> pd.DataFrame:
     """Write `id,title,image_phash,price,group` for `n_groups` generated products; return it."""
-    rng = random.Random(seed)
-    photos: dict[int, int] = {}
-    for group in range(n_groups):
-        photos[group] = _flip(photos[group - 1], 10, rng) if group % 2 else rng.getrandbits(64)
-    rows = []
-    for item in listings(n_groups, seed):
-        if rng.random() < 0.25:
-            phash = rng.getrandbits(64)
-        else:
-            phash = _flip(photos[item.group], rng.randrange(0, 9), rng)
-        rows.append((item.product_id, item.title, f"{phash:016x}", item.price, item.group))
+    items = listings(n_groups, seed)
+    hashes = photo_hashes(items, n_groups, random.Random(seed))
+    rows = [
+        (item.product_id, item.title, phash, item.price, item.group)
+        for item, phash in zip(items, hashes, strict=True)
+    ]
     frame = pd.DataFrame(rows, columns=["id", "title", "image_phash", "price", "group"])
     frame.to_csv(path, index=False)
     return frame

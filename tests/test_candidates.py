@@ -8,7 +8,7 @@ from prodsearch.matching.candidates import RelativeFilters, collect_candidates
 from prodsearch.matching.dedup import default_search
 from prodsearch.matching.table import PairTable
 
-from .conftest import needs_shopee, reconfigured
+from .conftest import reconfigured
 
 
 def pair_set(table: PairTable) -> set[tuple[str, str, float]]:
@@ -18,19 +18,18 @@ def pair_set(table: PairTable) -> set[tuple[str, str, float]]:
     }
 
 
-@needs_shopee
-def test_candidates_resume_from_a_cut_checkpoint(shopee_index, tmp_path) -> None:
-    products = list(shopee_index.scroll())
-    search = default_search(shopee_index)
+def test_candidates_resume_from_a_cut_checkpoint(catalog_index, tmp_path) -> None:
+    products = list(catalog_index.scroll())
+    search = default_search(catalog_index)
     checkpoint = tmp_path / "candidates.checkpoint.jsonl"
-    full = collect_candidates(shopee_index, products, search, checkpoint=checkpoint)
+    full = collect_candidates(catalog_index, products, search, checkpoint=checkpoint)
     lines = checkpoint.read_text().splitlines(keepends=True)
     assert len(lines) == len(products) + 1 and len(full) > len(products)
     # a kill mid-write: half the records kept, the next one cut in the middle
     checkpoint.write_text("".join([*lines[: len(lines) // 2], lines[len(lines) // 2][:20]]))
     calls: list[int] = []
     resumed = collect_candidates(
-        shopee_index, products, search, progress=calls.append, checkpoint=checkpoint
+        catalog_index, products, search, progress=calls.append, checkpoint=checkpoint
     )
     assert calls[0] == len(lines) // 2 - 1, "the finished products were not redone"
     assert pair_set(resumed) == pair_set(full)
@@ -40,20 +39,19 @@ def test_candidates_resume_from_a_cut_checkpoint(shopee_index, tmp_path) -> None
     checkpoint.write_text("".join([*lines[:-1], lines[-1][:10]]))
     calls = []
     again = collect_candidates(
-        shopee_index, products, search, progress=calls.append, checkpoint=checkpoint
+        catalog_index, products, search, progress=calls.append, checkpoint=checkpoint
     )
     assert calls[0] == len(products) - 1 and pair_set(again) == pair_set(full)
 
 
-@needs_shopee
-def test_a_checkpoint_of_other_inputs_is_not_reused(shopee_index, tmp_path) -> None:
+def test_a_checkpoint_of_other_inputs_is_not_reused(catalog_index, tmp_path) -> None:
     """Every input that changes the candidates (a filter, a search setting, the collection's
     content) starts the pass over."""
-    products = list(shopee_index.scroll())
-    search = default_search(shopee_index)
+    products = list(catalog_index.scroll())
+    search = default_search(catalog_index)
     checkpoint = tmp_path / "candidates.checkpoint.jsonl"
     within = RelativeFilters(within=(("price", 0.2),))
-    collect_candidates(shopee_index, products, search, within, checkpoint=checkpoint)
+    collect_candidates(catalog_index, products, search, within, checkpoint=checkpoint)
 
     def reused(index: Index, filters: RelativeFilters, found: list) -> bool:
         """Whether a pass with these inputs read the checkpoint back (its header unchanged)."""
@@ -61,17 +59,17 @@ def test_a_checkpoint_of_other_inputs_is_not_reused(shopee_index, tmp_path) -> N
         collect_candidates(index, found, search, filters, checkpoint=checkpoint)
         return checkpoint.read_text().splitlines()[0] == header
 
-    assert reused(shopee_index, within, products), "same inputs: reused"
+    assert reused(catalog_index, within, products), "same inputs: reused"
     wider = RelativeFilters(within=(("price", 5.0),))
-    assert not reused(shopee_index, wider, products), "another --within: started over"
-    fresh = collect_candidates(shopee_index, products, search, wider)
-    reread = collect_candidates(shopee_index, products, search, wider, checkpoint=checkpoint)
+    assert not reused(catalog_index, wider, products), "another --within: started over"
+    fresh = collect_candidates(catalog_index, products, search, wider)
+    reread = collect_candidates(catalog_index, products, search, wider, checkpoint=checkpoint)
     assert (
         pair_set(reread)
         == pair_set(fresh)
-        != pair_set(collect_candidates(shopee_index, products, search, within))
+        != pair_set(collect_candidates(catalog_index, products, search, within))
     )
-    broader = reconfigured(shopee_index, hnsw_ef=300)
+    broader = reconfigured(catalog_index, hnsw_ef=300)
     assert not reused(broader, wider, products), "another search breadth: started over"
     # the same count of products, one product's content changed
     first = products[0]
@@ -80,12 +78,11 @@ def test_a_checkpoint_of_other_inputs_is_not_reused(shopee_index, tmp_path) -> N
     assert reused(broader, wider, [edited, *products[1:]])
 
 
-@needs_shopee
-def test_relative_filters_run_in_the_engine(shopee_index) -> None:
-    products = list(shopee_index.scroll())
+def test_relative_filters_run_in_the_engine(catalog_index) -> None:
+    products = list(catalog_index.scroll())
     payloads = {p.product_id: p.payload for p in products}
     filters = RelativeFilters(same=("category",), different=("seller",), within=(("price", 0.5),))
-    table = collect_candidates(shopee_index, products, default_search(shopee_index), filters)
+    table = collect_candidates(catalog_index, products, default_search(catalog_index), filters)
     assert len(table) > 0
     for a, b in zip(table.a, table.b, strict=True):
         mine, theirs = payloads[table.ids[a]], payloads[table.ids[b]]

@@ -19,7 +19,7 @@ from prodsearch.matching.pair_model import PairModel
 from prodsearch.recipes import load_recipe
 from prodsearch.settings import DedupSettings, Settings
 
-from .conftest import needs_shopee, reconfigured
+from .conftest import reconfigured
 from .generated import write_catalog
 
 FUSION = DedupSettings(decider="fusion")
@@ -33,14 +33,13 @@ def mean_f1(sets: dict[str, list[str]], labels: dict[str, str]) -> float:
     return float(np.mean(scores))
 
 
-@needs_shopee
-def test_dedup_output_format(shopee_index, tmp_path) -> None:
-    result = run_dedup(shopee_index, FUSION)
+def test_dedup_output_format(catalog_index, tmp_path) -> None:
+    result = run_dedup(catalog_index, FUSION)
     out = tmp_path / "matches.csv"
     audit = result.write(out)
     rows = list(csv.DictReader(out.open()))
     ids = [r["id"] for r in rows]
-    assert len(ids) == len(set(ids)) == shopee_index.count()
+    assert len(ids) == len(set(ids)) == catalog_index.count()
     for row in rows:
         matches = row["matches"].split(" ")
         assert matches[0] == row["id"] and len(set(matches)) == len(matches)
@@ -54,11 +53,10 @@ def test_dedup_output_format(shopee_index, tmp_path) -> None:
     assert {p["rule"] for p in pairs} <= {"modality score", "min-2"}
 
 
-@needs_shopee
-def test_min2_gives_lone_products_their_closest_neighbour(shopee_index) -> None:
+def test_min2_gives_lone_products_their_closest_neighbour(catalog_index) -> None:
     strict = reconfigured(
-        shopee_index,
-        thresholds=shopee_index.settings.thresholds.model_copy(
+        catalog_index,
+        thresholds=catalog_index.settings.thresholds.model_copy(
             update={"text": 0.999, "chars": 0.999, "phash": 0.999, "charcnn": 0.999}
         ),
         fusion="rrf",
@@ -82,17 +80,16 @@ def test_min2_gives_lone_products_their_closest_neighbour(shopee_index) -> None:
     assert not run_dedup(strict, plain.model_copy(update={"fusion": never})).rescued()
 
 
-@needs_shopee
 @pytest.mark.parametrize("decider", ["fusion", "pair-model"])
-def test_relative_filters_are_applied_by_the_engine(shopee_index, decider) -> None:
-    payloads = {p.product_id: p.payload for p in shopee_index.scroll(with_vectors=False)}
+def test_relative_filters_are_applied_by_the_engine(catalog_index, decider) -> None:
+    payloads = {p.product_id: p.payload for p in catalog_index.scroll(with_vectors=False)}
     filters = RelativeFilters(same=("category",), different=("seller",), within=(("price", 0.5),))
     knobs = DedupSettings(decider=decider)
     loose = knobs.fusion.model_copy(update={"min2_min_fused_score": 0.3})
     knobs = knobs.model_copy(update={"fusion": loose})
-    result = run_dedup(shopee_index, knobs, filters)
+    result = run_dedup(catalog_index, knobs, filters)
     assert result.decided_by == decider.replace("-", " ")
-    schema = shopee_index.store._shard("products").info().payload_schema
+    schema = catalog_index.store._shard("products").info().payload_schema
     assert {"category", "seller", "price"} <= set(schema), "the engine indexes filtered fields"
     checked = 0
     for pid, members in result.match_sets().items():
@@ -105,20 +102,19 @@ def test_relative_filters_are_applied_by_the_engine(shopee_index, decider) -> No
     assert checked > 0
 
 
-@needs_shopee
-def test_dedup_with_the_pair_model_follows_its_probabilities(shopee_index, tmp_path) -> None:
+def test_dedup_with_the_pair_model_follows_its_probabilities(catalog_index, tmp_path) -> None:
     knobs = Settings().dedup
     pair = knobs.pair_model
     model = PairModel.load(pair.model)
-    products = list(shopee_index.scroll())
-    search = default_search(shopee_index)
-    table = collect_candidates(shopee_index, products, search)
+    products = list(catalog_index.scroll())
+    search = default_search(catalog_index)
+    table = collect_candidates(catalog_index, products, search)
     probability = model.probabilities(table, table_features(table, products))
     expected = {pid: set() for pid in table.ids}
     for a, b, p in zip(table.a, table.b, probability, strict=True):
         if p >= pair.min_probability:
             expected[table.ids[a]].add(table.ids[b])
-    result = run_dedup(shopee_index, knobs)
+    result = run_dedup(catalog_index, knobs)
     assert result.decided_by == "pair model" and "candidates" in result.seconds
     rescued, sets = result.rescued(), result.match_sets()
     decided = result.table.frame[result.table.frame["match"]]
@@ -146,7 +142,7 @@ def test_dedup_with_the_pair_model_follows_its_probabilities(shopee_index, tmp_p
     assert read_pair_verdict(audit, rows[0]["id"], "no-such-id") is None
     # F1 against the true groups: the pair model is no worse than the thresholded fusion here
     labels = {p.product_id: p.payload["label_group"] for p in products}
-    fused = run_dedup(shopee_index, FUSION.model_copy(update={"min2": False}))
+    fused = run_dedup(catalog_index, FUSION.model_copy(update={"min2": False}))
     assert mean_f1(sets, labels) >= mean_f1(fused.match_sets(), labels) - 0.02
 
 
@@ -169,12 +165,11 @@ def test_a_catalog_of_titles_alone_is_decided_by_the_pair_model(tmp_path, encode
     index.close()
 
 
-@needs_shopee
-def test_explain_agrees_with_match(shopee_index: Index) -> None:
-    pid = next(shopee_index.scroll()).product_id
-    matches = shopee_index.match_products([pid])[0]
+def test_explain_agrees_with_match(catalog_index: Index) -> None:
+    pid = next(catalog_index.scroll()).product_id
+    matches = catalog_index.match_products([pid])[0]
     other = next(m for m in matches if m.product_id != pid)
-    explanation = explain(shopee_index, pid, other.product_id)
+    explanation = explain(catalog_index, pid, other.product_id)
     assert explanation.matched and explanation.rank == [m.product_id for m in matches].index(
         other.product_id
     )

@@ -3,19 +3,29 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import json
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import yaml
+from qdrant_client import QdrantClient
 
+from prodsearch.encoders import EncoderSet
+from prodsearch.index import Index
 from prodsearch.settings import SETTINGS_FILE_ENV, Settings
 from prodsearch.store import Manifest, open_store
 
@@ -98,15 +108,64 @@ def test_cluster_collection_settings_match_the_readme(monkeypatch) -> None:
     assert "fusion inside a nested prefetch is computed per shard" in readme
 
 
+class _RecordingClient(QdrantClient):
+    """A real qdrant-client (local mode, in memory) that keeps the arguments of every
+    create_collection call: what a server would be asked for, which local mode ignores."""
+
+    def __init__(self) -> None:
+        super().__init__(":memory:")
+        self.created: list[dict] = []
+
+    def create_collection(self, collection_name: str, **kwargs: Any) -> bool:  # type: ignore[override]
+        self.created.append({"collection_name": collection_name, **kwargs})
+        return super().create_collection(collection_name, **kwargs)
+
+
+@contextmanager
+def _version_answering_server() -> Iterator[str]:
+    """The URL of an HTTP server that answers only the client's version check (GET /)."""
+
+    class Version(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = json.dumps({"version": importlib.metadata.version("qdrant-client")}).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Version)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        thread.join()
+
+
 def test_collection_params_reach_collection_creation() -> None:
-    """qdrant-client's local mode accepts and ignores them; a server keeps them (next test)."""
+    """From the settings through Index and open_store to the qdrant-client call that creates
+    the collection on a server (local mode ignores shard parameters, so the call is recorded)."""
     params = {"shard_number": 3, "replication_factor": 2, "write_consistency_factor": 1}
     assert Settings(**params).collection_params() == params
     assert Settings().collection_params() == {}
-    with open_store(":memory:") as store:
-        store.collection_params = params  # type: ignore[attr-defined]
-        store.create_collection("products", _MANIFEST)
-        assert store.has_collection("products")
+    with _version_answering_server() as url:
+        index = Index(url, "products", Settings(**params), EncoderSet.default())
+        server_client = index.store.client  # type: ignore[attr-defined]
+        index.store.client = recorder = _RecordingClient()  # type: ignore[attr-defined]
+        with index:
+            index.ensure_collection()
+            assert index.exists()
+        server_client.close()
+    (call,) = recorder.created
+    assert call["collection_name"] == "products"
+    assert {k: call[k] for k in params} == params
+    assert call["metadata"] == index.expected_manifest().as_dict()
+    assert call["vectors_config"]["text"].size == 384
 
 
 _MANIFEST = Manifest(vectors={"text": {"dim": 4, "distance": "cosine"}}, encoders={})

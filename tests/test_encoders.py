@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import logging
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image, ImageDraw
 
 from prodsearch.encoders import CharsEncoder, EncoderInput, EncoderSet, PhashEncoder, compute_phash
+from prodsearch.encoders import image as image_module
+from prodsearch.encoders import text as text_module
 from prodsearch.encoders.chars import bm25_idf
-from prodsearch.encoders.image import preprocess
+from prodsearch.encoders.image import SHIPPED_HEAD, preprocess
 from prodsearch.encoders.phash import hamming_to_score, phash_vector
+from prodsearch.errors import ConfigError
 from prodsearch.images import load_image
 
-from .conftest import DATA, SAMPLE, SHOPEE, needs_shopee
+from .conftest import DATA, REPO, SAMPLE, SHOPEE, needs_data
 
 PHOTOS = ("Alpro-Blueberry-Soyghurt-5470.jpg", "Alpro-Fresh-Soy-Milk-1765.jpg")
 
@@ -77,7 +83,7 @@ def test_phash_vector_scores_fall_with_hamming_distance() -> None:
     assert float(phash_vector(a) @ phash_vector(a)) == pytest.approx(1.0)
 
 
-@needs_shopee
+@needs_data(SHOPEE, DATA / "shopee" / "train_images_sample")
 def test_computed_phash_equals_shopee_column() -> None:
     frame = pd.read_csv(SHOPEE)
     folder = DATA / "shopee" / "train_images_sample"
@@ -109,8 +115,8 @@ def test_image_encoder_shapes_and_determinism(encoders: EncoderSet) -> None:
     assert preprocess(_drawing(0)).shape == (3, 224, 224)
     image = encoders["image"]
     first = image.encode_images([_drawing(0), _drawing(1)])
-    # 512-d through the shipped ArcFace head (finetune/image.py), 1280-d ImageNet features without
-    assert first.shape == (2, image.dim) and image.dim == (512 if image.head else 1280)
+    # 512-d through the shipped ArcFace head (finetune/image.py): the default is never ImageNet's
+    assert image.head == SHIPPED_HEAD and first.shape == (2, image.dim) and image.dim == 512
     np.testing.assert_allclose(np.linalg.norm(first, axis=1), 1.0, atol=1e-5)
     np.testing.assert_allclose(image.encode_images([_drawing(0), _drawing(1)]), first, atol=1e-5)
     # On real photos: a mirrored photo stays closer to its original than another product's photo.
@@ -139,3 +145,51 @@ def test_identities_name_weights_and_parameters(encoders: EncoderSet) -> None:
     assert identities["text"].params["max_tokens"] == 64
     assert identities == EncoderSet.default().identities()
     assert PhashEncoder().identity().weights_sha256 == ""
+
+
+def _readme_encoder_digests() -> dict[str, set[str]]:
+    """The encoder names of the README's encoder table and the weight digests (first 16 hex of
+    the SHA-256, as the ONNX file names carry them) its figures were measured with."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    found: dict[str, set[str]] = {}
+    for name, digest in re.findall(
+        r"^\| ([\w.+-]+) \| [^|]*ONNX[^|]*\|.*\| \w+-([0-9a-f]{16})-", readme, re.M
+    ):
+        found.setdefault(name, set()).add(digest)
+    return found
+
+
+def test_default_encoders_are_the_shipped_ones_the_readme_measures(encoders: EncoderSet) -> None:
+    identities = EncoderSet.default().identities()
+    assert identities == encoders.identities()
+    documented = _readme_encoder_digests()
+    assert identities["text"].name == "all-MiniLM-L6-v2+arcface-lora"
+    assert identities["image"].name == "efficientnet-lite0+arcface-head"
+    for modality in ("text", "image"):
+        identity = identities[modality]
+        assert documented.get(identity.name) == {identity.weights_sha256[:16]}, (
+            f"the README's figures are for {identity.name} {documented.get(identity.name)}, "
+            f"the default encoder's weights are {identity.weights_sha256[:16]}"
+        )
+
+
+@pytest.mark.parametrize("missing", ["text", "image"])
+def test_a_missing_shipped_artefact_is_an_error_not_the_pretrained_model(
+    missing, tmp_path, monkeypatch, caplog
+) -> None:
+    if missing == "text":
+        monkeypatch.setattr(text_module, "SHIPPED_ADAPTER", tmp_path / "text_arcface_lora")
+        expected = tmp_path / "text_arcface_lora" / "adapter_model.safetensors"
+    else:
+        expected = tmp_path / "image_arcface_head.safetensors"
+        monkeypatch.setattr(image_module, "SHIPPED_HEAD", expected)
+    for choose in (EncoderSet.default, lambda: EncoderSet.from_settings("finetuned")):
+        with pytest.raises(ConfigError) as raised:
+            choose()
+        message = str(raised.value)
+        assert str(expected) in message and "PRODSEARCH_ENCODERS=pretrained" in message
+        assert f"python -m finetune.{missing}" in message
+    with caplog.at_level(logging.WARNING, logger="prodsearch"):
+        pretrained = EncoderSet.from_settings("pretrained")
+    assert "PRODSEARCH_ENCODERS=pretrained" in caplog.text, "the opt-in is logged"
+    assert pretrained["image"].dim == 1280 and pretrained["text"].adapter is None  # type: ignore[attr-defined]

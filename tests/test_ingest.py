@@ -7,7 +7,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+import traceback
 
 import numpy as np
 import pandas as pd
@@ -16,13 +18,16 @@ from PIL import Image
 
 from prodsearch.catalog import catalog_from_table, read_catalog
 from prodsearch.columns import map_catalog
+from prodsearch.encoders import EncoderSet, TextEncoder
+from prodsearch.errors import EncoderMismatchError, StoreLockedError
 from prodsearch.index import Index
 from prodsearch.ingest import check_images, ingest_catalog
 from prodsearch.recipes import load_recipe
 from prodsearch.settings import IngestSettings, Settings
 from prodsearch.store import point_id
 
-from .conftest import DATA, needs_shopee, shopee_groups
+from .conftest import DATA, needs_data, needs_shopee, shopee_groups
+from .generated import labelled_catalog
 
 GENERIC = load_recipe("generic")
 
@@ -36,22 +41,21 @@ def _all_product_ids(index: Index) -> list[str]:
             return ids
 
 
-@needs_shopee
-def test_reingest_is_idempotent_and_updates_changed_rows(tmp_path, encoders, shopee_csv) -> None:
-    recipe = load_recipe("shopee")
+def test_reingest_is_idempotent_and_updates_changed_rows(tmp_path, encoders, catalog_csv) -> None:
+    recipe = GENERIC
     with Index(str(tmp_path / "s"), "p", Settings(), encoders) as index:
-        first = ingest_catalog(index, read_catalog(shopee_csv, recipe))
+        first = ingest_catalog(index, read_catalog(catalog_csv, recipe))
         n = first.upserted
         assert n == index.count() and first.unchanged == 0
-        again = ingest_catalog(index, read_catalog(shopee_csv, recipe))
+        again = ingest_catalog(index, read_catalog(catalog_csv, recipe))
         assert (again.upserted, again.unchanged) == (0, n)
-        frame = pd.read_csv(shopee_csv)
+        frame = pd.read_csv(catalog_csv)
         frame.loc[0, "title"] = "A completely new title"
-        frame.to_csv(shopee_csv, index=False)
-        changed = ingest_catalog(index, read_catalog(shopee_csv, recipe))
+        frame.to_csv(catalog_csv, index=False)
+        changed = ingest_catalog(index, read_catalog(catalog_csv, recipe))
         assert (changed.upserted, changed.unchanged) == (1, n - 1)
-        assert index.get(frame.loc[0, "posting_id"])["title"] == "A completely new title"
-        assert sorted(_all_product_ids(index)) == sorted(frame["posting_id"])
+        assert index.get(frame.loc[0, "id"])["title"] == "A completely new title"
+        assert sorted(_all_product_ids(index)) == sorted(frame["id"])
 
 
 def test_bad_images_are_reported_and_nothing_stored_is_lost(tmp_path, encoders) -> None:
@@ -76,6 +80,70 @@ def test_bad_images_are_reported_and_nothing_stored_is_lost(tmp_path, encoders) 
     assert "corrupt" in rejected["reason"][0] and "not a recognised image" in rejected["reason"][1]
 
 
+def test_images_gone_or_unreadable_when_ingest_reads_them_are_reported(tmp_path, encoders) -> None:
+    """Images checked when the catalog was read but unreadable when the reader thread reads
+    them (deleted meanwhile, replaced by a folder) are rejected with the reason; the rest goes
+    on, pipelined or not."""
+    for name in ("a.jpg", "gone.jpg", "folder.jpg"):
+        Image.new("RGB", (64, 64), "red").save(tmp_path / name)
+    catalog = tmp_path / "catalog.csv"
+    catalog.write_text("id,title,image\np1,Red box,a.jpg\np2,Gone,gone.jpg\np3,Folder,folder.jpg\n")
+    rows = read_catalog(catalog, GENERIC)
+    assert not rows.rejections
+    (tmp_path / "gone.jpg").unlink()
+    (tmp_path / "folder.jpg").unlink()
+    (tmp_path / "folder.jpg").mkdir()
+    for pipelined in (True, False):
+        with Index(str(tmp_path / f"s{pipelined}"), "p", Settings(), encoders) as index:
+            result = ingest_catalog(index, rows, pipelined=pipelined)
+            assert result.upserted == 1 and _all_product_ids(index) == ["p1"]
+        reasons = {r.product_id: (r.row, r.field, r.reason) for r in result.rejections}
+        assert reasons == {
+            "p2": (3, "image", "cannot read image: No such file or directory"),
+            "p3": (4, "image", "cannot read image: Is a directory"),
+        }
+
+
+def test_an_error_in_the_reader_thread_stops_the_ingest_with_it(
+    tmp_path, encoders, catalog_csv
+) -> None:
+    """The reader thread checks each batch against the store: when that fails (here the store
+    is held by another writer) the ingest raises the reader's own error, the thread is gone,
+    and nothing was written; once the writer lets go the same ingest completes."""
+    store = str(tmp_path / "s")
+    rows = read_catalog(catalog_csv, GENERIC)
+    holder = Index(store, "p", Settings(), encoders)
+    holder.ensure_collection()  # creates the collection and keeps its shard open
+    try:
+        with Index(store, "p", Settings(), encoders) as index:
+            with pytest.raises(StoreLockedError, match="is open in another process") as raised:
+                ingest_catalog(index, rows, batch_size=16)
+            frames = [frame.name for frame in traceback.extract_tb(raised.value.__traceback__)]
+            assert "_read_batch" in frames, "raised by the reader thread, re-raised here"
+            assert not any(t.name == "prodsearch-ingest-reader" for t in threading.enumerate())
+        assert holder.count() == 0
+    finally:
+        holder.close()
+    with Index(store, "p", Settings(), encoders) as index:
+        assert ingest_catalog(index, rows, batch_size=16).upserted == len(rows.rows)
+
+
+def test_ingest_into_a_collection_of_other_encoders_is_refused(
+    tmp_path, encoders, catalog_csv
+) -> None:
+    store = str(tmp_path / "s")
+    other = EncoderSet({**encoders.encoders, "text": TextEncoder(max_tokens=32)})
+    with Index(store, "p", Settings(), other) as written:
+        written.ensure_collection()
+    with (
+        Index(store, "p", Settings(), encoders) as index,
+        pytest.raises(EncoderMismatchError, match="'max_tokens': 32"),
+    ):
+        ingest_catalog(index, read_catalog(catalog_csv, GENERIC))
+    with Index(store, "p", Settings(), other) as written:
+        assert written.count() == 0
+
+
 def _stored(index: Index) -> dict[str, tuple[dict, dict]]:
     """Every stored point: product id -> (payload, vectors)."""
     out, offset = {}, None
@@ -87,6 +155,7 @@ def _stored(index: Index) -> dict[str, tuple[dict, dict]]:
 
 
 @needs_shopee
+@needs_data(DATA / "grocery_store" / "images.csv")
 def test_pipelined_ingest_stores_what_a_sequential_one_stores(tmp_path, encoders) -> None:
     photos = pd.read_csv(DATA / "grocery_store" / "images.csv").iloc[::250]
     shopee = shopee_groups(8)
@@ -136,16 +205,15 @@ def _cli(*args: str, env: dict[str, str]) -> subprocess.Popen:
     )
 
 
-@needs_shopee
 @pytest.mark.slow
 def test_resume_after_a_killed_ingest(tmp_path) -> None:
     """A real ingest process killed with SIGKILL mid-run, then re-run: every product once."""
     catalog = tmp_path / "catalog.csv"
-    frame = shopee_groups(400, split="val")
+    frame = labelled_catalog(130)
     frame.to_csv(catalog, index=False)
     store = tmp_path / "store"
     env = {**os.environ, "PRODSEARCH_BATCH_SIZE": "32"}
-    args = ("ingest", str(catalog), "--recipe", "shopee", "--store", str(store), "--json")
+    args = ("ingest", str(catalog), "--recipe", "generic", "--store", str(store), "--json")
     process = _cli(*args, env=env)
     deadline = time.monotonic() + 240
     for line in process.stderr:  # type: ignore[union-attr]
@@ -168,10 +236,8 @@ def test_resume_after_a_killed_ingest(tmp_path) -> None:
     with Index(str(store), "products") as index:
         ids = _all_product_ids(index)
         assert len(ids) == len(set(ids)) == len(frame)
-        assert set(ids) == set(frame["posting_id"])
-        stored = index.store.retrieve(
-            "products", [point_id(p) for p in frame["posting_id"][:50]], True
-        )
+        assert set(ids) == set(frame["id"])
+        stored = index.store.retrieve("products", [point_id(p) for p in frame["id"][:50]], True)
         assert all({"text", "chars", "phash"} <= set(p.vectors) for p in stored)
 
 

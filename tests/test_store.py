@@ -3,13 +3,28 @@ client backend give the same ids and scores for the same queries."""
 
 from __future__ import annotations
 
+import json
+import signal
+import subprocess
+
 import numpy as np
+import pandas as pd
 import pytest
 from qdrant_client import models
 
+from prodsearch.catalog import read_catalog
 from prodsearch.encoders.base import SparseVec
-from prodsearch.errors import CollectionNotFoundError, EncoderMismatchError
+from prodsearch.errors import (
+    CollectionNotFoundError,
+    EncoderMismatchError,
+    StoreError,
+    StoreLockedError,
+)
 from prodsearch.filters import FilterSpec
+from prodsearch.index import Index
+from prodsearch.ingest import ingest_catalog
+from prodsearch.recipes import load_recipe
+from prodsearch.settings import Settings
 from prodsearch.store import (
     FusedQuery,
     Fusion,
@@ -23,6 +38,9 @@ from prodsearch.store import (
 )
 from prodsearch.store.client import ClientStore
 from prodsearch.store.edge import EdgeStore
+
+from .generated import labelled_catalog
+from .test_faults import _env, free_port, prodsearch, start_server
 
 MANIFEST = Manifest(
     vectors={
@@ -106,6 +124,44 @@ def test_missing_collection_is_a_clear_error(store: Store) -> None:
     assert not store.has_collection("nope")
     with pytest.raises(CollectionNotFoundError, match="prodsearch ingest"):
         store.manifest("nope")
+
+
+def test_invalid_collection_names_are_refused(store: Store) -> None:
+    for name in ("a/b", "../escape"):
+        with pytest.raises(StoreError, match="/"):
+            store.create_collection(name, MANIFEST)
+    assert not store.has_collection("b")
+
+
+def test_an_embedded_collection_open_elsewhere_is_locked_not_deleted(tmp_path) -> None:
+    with EdgeStore(tmp_path) as holder, EdgeStore(tmp_path) as other:
+        holder.create_collection("products", MANIFEST)  # its shard is open from here on
+        for attempt in (
+            lambda: other.count("products"),
+            lambda: other.upsert("products", _points()[:1]),
+            lambda: other.delete_collection("products"),
+        ):
+            with pytest.raises(StoreLockedError, match=r"'products' in .* is open in another"):
+                attempt()
+        assert other.has_collection("products") and holder.count("products") == 0
+        holder.close()
+        other.upsert("products", _points()[:1])
+        assert other.count("products") == 1
+        other.close()
+        holder.delete_collection("products")
+        assert not holder.has_collection("products")
+
+
+@pytest.mark.parametrize("location", [":memory:", "local"])
+def test_a_collection_not_created_by_prodsearch_is_refused(location, tmp_path) -> None:
+    with open_store(location if location == ":memory:" else f"local:{tmp_path}") as store:
+        assert isinstance(store, ClientStore)
+        store.client.create_collection(
+            "theirs", vectors_config={"v": models.VectorParams(size=4, distance="Cosine")}
+        )
+        assert store.has_collection("theirs")
+        with pytest.raises(StoreError, match=r"'theirs' .* was not created by prodsearch"):
+            store.manifest("theirs")
 
 
 def test_manifest_round_trip_and_encoder_check(filled: Store) -> None:
@@ -286,3 +342,28 @@ def test_float16_engine_stays_congruent_within_float16_precision(tmp_path) -> No
 
 def _ranked(hits) -> list[tuple[float, str]]:
     return sorted((-round(h.score, 4), h.point_id) for h in hits)
+
+
+@pytest.mark.slow
+def test_ingest_while_serve_runs_on_an_embedded_store_is_a_clear_error(tmp_path, encoders) -> None:
+    """Two real processes on one embedded store: `prodsearch serve` holds the collection, a
+    `prodsearch ingest` started meanwhile exits 1 with a one-line error saying so, and runs
+    once the server has stopped."""
+    store, catalog = tmp_path / "store", tmp_path / "catalog.csv"
+    labelled_catalog(10).to_csv(catalog, index=False)
+    with Index(str(store), "products", Settings(), encoders) as index:
+        ingest_catalog(index, read_catalog(catalog, load_recipe("generic")))
+    ingest = [*prodsearch("ingest", str(catalog), "--store", str(store)), "--json"]
+    server = start_server(store, free_port(), tmp_path / "serve.log")
+    try:
+        second = subprocess.run(ingest, capture_output=True, text=True, timeout=300, env=_env())
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(60)
+    assert second.returncode == 1, second.stderr
+    said = " ".join(second.stderr.split())  # the console wraps long lines
+    assert f"error: collection 'products' in {store} is open in another process" in said
+    assert "`prodsearch serve` on the same store" in said and "Traceback" not in said
+    after = subprocess.run(ingest, capture_output=True, text=True, timeout=300, env=_env())
+    assert after.returncode == 0, after.stderr
+    assert json.loads(after.stdout)["unchanged"] == len(pd.read_csv(catalog))

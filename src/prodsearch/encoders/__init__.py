@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -36,6 +37,8 @@ __all__ = [
     "compute_phash",
 ]
 
+log = logging.getLogger("prodsearch")
+
 
 @dataclass
 class EncoderSet:
@@ -50,8 +53,9 @@ class EncoderSet:
         inference: InferenceOptions | None = None,
         with_charcnn: bool = False,
     ) -> EncoderSet:
-        """Return the shipped fine-tuned encoders (those whose artefacts are in the package),
-        run as `inference` says (default: the settings' backend).
+        """Return the shipped fine-tuned encoders, run as `inference` says (default: the
+        settings' backend). Raises ConfigError when a shipped artefact (text adapter, image
+        head) is missing: the pretrained encoders are an explicit choice, never a fall-back.
 
         The ArcFace char-CNN joins only `with_charcnn`: fused with text, sparse chars and phash
         it added nothing to Shopee test F1 (formula 0.829 -> 0.826, README "Results"), so it is
@@ -94,6 +98,10 @@ class EncoderSet:
         "pretrained"), run as `inference` says (default: the settings' backend, e.g.
         PRODSEARCH_BACKEND=torch)."""
         if choice == "pretrained":
+            log.warning(
+                "PRODSEARCH_ENCODERS=pretrained: using the pretrained encoders, not the shipped "
+                "fine-tuned ones the README's figures measure"
+            )
             return cls.pretrained(text_max_tokens, inference)
         return cls.default(text_max_tokens, inference, with_charcnn=choice == "finetuned+charcnn")
 

@@ -13,6 +13,8 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
+from prodsearch.errors import ConfigError
+
 Distance = Literal["cosine", "dot"]
 
 
@@ -112,3 +114,14 @@ def scatter(n: int, positions: list[int], vectors: Sequence[Vector]) -> list[Vec
     for position, vector in zip(positions, vectors, strict=True):
         out[position] = vector
     return out
+
+
+def missing_artefact(what: str, path: Path, recipe: str) -> ConfigError:
+    """Return the error for a shipped fine-tuned artefact that is not where the package keeps
+    it: which file, how to get it back, and the explicit way to run without it."""
+    return ConfigError(
+        f"the shipped {what} {path} is missing, so the default (fine-tuned) encoders cannot "
+        f"load. Reinstall prodsearch (in a checkout: `git checkout -- {path}`) or rebuild it "
+        f"with `python -m {recipe}`; to run on the pretrained encoders instead (not what the "
+        "README's figures measure), set PRODSEARCH_ENCODERS=pretrained"
+    )

@@ -26,6 +26,7 @@ from prodsearch.encoders.base import (
     EncoderInput,
     Vector,
     file_sha256,
+    missing_artefact,
     scatter,
 )
 from prodsearch.encoders.runtime import (
@@ -57,9 +58,12 @@ SHIPPED_HEAD = Path(__file__).resolve().parents[1] / "assets" / "image_arcface_h
 INT8_KEEP_FP32 = ("_conv_stem", "_bn0", "/_blocks.0/", "/_blocks.1/", "/_blocks.2/")
 
 
-def shipped_head() -> Path | None:
-    """Return the shipped fine-tuned head, or None when it is not there."""
-    return SHIPPED_HEAD if SHIPPED_HEAD.is_file() else None
+def shipped_head() -> Path:
+    """Return the shipped fine-tuned head; raises ConfigError when it is not there (never a
+    silent fall-back to the ImageNet features)."""
+    if not SHIPPED_HEAD.is_file():
+        raise missing_artefact("image head", SHIPPED_HEAD, "finetune.image")
+    return SHIPPED_HEAD
 
 
 def load_lite0() -> Any:

