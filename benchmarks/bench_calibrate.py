@@ -32,18 +32,17 @@ sys.path.insert(0, str(REPO / "src"))
 from prodsearch.catalog import CatalogRow  # noqa: E402
 from prodsearch.eval.metrics import pair_scores  # noqa: E402
 from prodsearch.eval.training import (  # noqa: E402
-    CATALOGS,
-    PAIR_CATALOGS,
+    PAIR_SOURCES,
+    SOURCES,
     LabelledCollection,
     fit_pair_model,
     ingest_labelled,
     label_collection,
-    open_catalog,
+    open_source,
 )
 from prodsearch.index import Index  # noqa: E402
 from prodsearch.labels import PairLabel, label_groups, read_pair_file  # noqa: E402
 from prodsearch.matching.calibrate import Calibration, calibrate  # noqa: E402
-from prodsearch.matching.features import table_features  # noqa: E402
 from prodsearch.matching.table import PairTable  # noqa: E402
 from prodsearch.review.queue import next_batch, review_pairs  # noqa: E402
 
@@ -60,7 +59,7 @@ def review_catalog(data: Path, name: str, base: Index) -> tuple[LabelledCollecti
     rows: dict[str, CatalogRow] = {r.product_id: r for r in [*train_rows, *valid_rows]}
     ordered = [r.model_copy(update={"row": i}) for i, r in enumerate(rows.values(), start=1)]
     index = Index(base.store, f"{name}-review", base.settings, base.encoders)
-    products = ingest_labelled(index, f"{name}-review", ordered, LOG)
+    products = ingest_labelled(index, ordered, LOG)
     return LabelledCollection(f"{name}-review", index, products, labels=valid), train, valid
 
 
@@ -121,13 +120,14 @@ def calibrated_f1(table: PairTable, raw: np.ndarray, labels: list, valid: list) 
     return valid_f1(table, fitted.apply(raw), fitted.min_probability, valid)
 
 
-def one_catalog(data: Path, name: str, base: Index, fit: dict) -> dict:
+def one_catalog(data: Path, name: str, base: Index, fit: dict, cache: Path) -> dict:
     """The curves of one held-out catalog."""
-    model, minimum, _ = fit_pair_model([fit[n] for n in CATALOGS if n != name])
+    others = {n: group for n, group in fit.items() if n != name}
+    model, minimum, _ = fit_pair_model(others, LOG, cache)
     collection, train, valid = review_catalog(data, name, base)
     labelled = label_collection(collection)
     table = labelled.table
-    raw = model.probabilities(table, table_features(table, collection.products))
+    raw = model.probabilities(table, labelled.features)
     table.frame["probability"] = raw
     table.frame["match"] = raw >= minimum
     table.frame["rule"] = np.where(raw >= minimum, "pair model", "")
@@ -155,17 +155,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--workdir", type=Path, default=None)
-    parser.add_argument("--catalogs", default=",".join(PAIR_CATALOGS))
+    parser.add_argument("--sources", default=",".join(PAIR_SOURCES))
     parser.add_argument("--png", type=Path, default=Path("bench_calibrate.png"))
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="prodsearch-calibrate-"))
     started = time.perf_counter()
     results = {}
     with Index(str(workdir / "store"), "base") as base:
-        fit = {n: label_collection(open_catalog(args.data, n, "fit", base, LOG)) for n in CATALOGS}
-        for name in args.catalogs.split(","):
+        fit = {
+            n: [label_collection(c) for c in open_source(args.data, n, "fit", base, LOG)]
+            for n in SOURCES
+        }
+        for name in args.sources.split(","):
             LOG.print(f"calibrating {name}")
-            results[name] = one_catalog(args.data, name, base, fit)
+            results[name] = one_catalog(args.data, name, base, fit, workdir / "store" / "models")
     print(f"\npair F1 on valid after N answers ({time.perf_counter() - started:.0f} s)\n")
     print("| catalog | labels from | " + " | ".join(str(n) for n in COUNTS) + " | whole train |")
     print("|---|---|" + "---|" * (len(COUNTS) + 1))

@@ -39,12 +39,12 @@ sys.path.insert(0, str(REPO / "src"))
 from prodsearch.eval.metrics import Scores, pair_scores, row_scores  # noqa: E402
 from prodsearch.eval.pairs import TFIDF_GRID, LabelledCatalog, tfidf_baseline  # noqa: E402
 from prodsearch.eval.training import (  # noqa: E402
-    CATALOGS,
+    SOURCES,
     Labelled,
     decided,
     fit_pair_model,
     label_collection,
-    open_catalog,
+    open_source,
 )
 from prodsearch.index import Index  # noqa: E402
 from prodsearch.labels import read_pair_file  # noqa: E402
@@ -134,23 +134,26 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--before", default=BEFORE)
-    parser.add_argument("--catalogs", default=",".join(CATALOGS))
+    parser.add_argument("--sources", default=",".join(SOURCES))
     args = parser.parse_args()
-    names = args.catalogs.split(",")
+    names = args.sources.split(",")
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="prodsearch-transfer-"))
     workdir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     rows = []
     with Index(str(workdir / "store"), "base") as base:
-        fit = {n: label_collection(open_catalog(args.data, n, "fit", base, LOG)) for n in CATALOGS}
-        held = {n: label_collection(open_catalog(args.data, n, "eval", base, LOG)) for n in names}
+        fit = {
+            n: [label_collection(c) for c in open_source(args.data, n, "fit", base, LOG)]
+            for n in SOURCES
+        }
+        held = {n: label_collection(open_source(args.data, n, "eval", base, LOG)[0]) for n in names}
         for name in names:
             LOG.print(f"held out: {name}")
-            model, minimum, _ = fit_pair_model([fit[n] for n in CATALOGS if n != name])
-            ours = scores_of(
-                held[name].collection, match_sets(held[name], decided(held[name], model, minimum))
-            )
-            baseline = tfidf(args.data, name, fit[name].collection, held[name].collection)
+            others = {n: group for n, group in fit.items() if n != name}
+            model, minimum, _ = fit_pair_model(others, LOG, workdir / "store" / "models")
+            sets = match_sets(held[name], decided(held[name], model, minimum))
+            ours = scores_of(held[name].collection, sets)
+            baseline = tfidf(args.data, name, fit[name][0].collection, held[name].collection)
             before = shipped_before(args.data, name, args.before, workdir, held[name].collection)
             rows.append((name, minimum, ours, baseline, before))
     print_table(rows, time.perf_counter() - started)

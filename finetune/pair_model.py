@@ -44,7 +44,7 @@ def main() -> None:
             console.print(f"{name}: ingest, candidates, features")
             opened = open_source(args.data, name, "fit", base, console)
             sources[name] = [label_collection(c) for c in opened]
-        model, minimum, held_out = fit_pair_model(sources, console)
+        model, minimum, held_out = fit_pair_model(sources, console, Path(args.store) / "models")
     model.save(args.out)
     manifest = {
         "catalogs": {

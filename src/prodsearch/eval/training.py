@@ -20,6 +20,7 @@ and the threshold with the best mean F1 over the held-out sources is kept.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,13 +140,22 @@ def _pair_labels(
     return same, weight
 
 
-def fit_model(catalogs: Sequence[Labelled]) -> PairModel:
-    """The pair model fitted on every catalog, each weighing the same."""
+def fit_model(catalogs: Sequence[Labelled], cache: Path | None = None) -> PairModel:
+    """The pair model fitted on every catalog, each weighing the same; with `cache`, a model
+    fitted on the same catalogs before (a file named after them there) is read instead."""
+    names = "+".join(sorted(c.name for c in catalogs))
+    path = cache / f"{hashlib.sha1(names.encode()).hexdigest()[:16]}.json" if cache else None
+    if path is not None and path.is_file():
+        return PairModel.load(path)
     sets, offset = [], 0
     for catalog in catalogs:
         sets.append(catalog.training_set(offset))
         offset += int(catalog.groups.max()) + 1 if len(catalog.groups) else 0
-    return PairModel.fit(sets)[0]
+    model = PairModel.fit(sets)[0]
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        model.save(path)
+    return model
 
 
 def held_out_f1(model: PairModel, catalogs: Sequence[Labelled]) -> np.ndarray:
@@ -158,20 +168,23 @@ def held_out_f1(model: PairModel, catalogs: Sequence[Labelled]) -> np.ndarray:
 
 
 def fit_pair_model(
-    sources: Mapping[str, Sequence[Labelled]], console: Console | None = None
+    sources: Mapping[str, Sequence[Labelled]],
+    console: Console | None = None,
+    cache: Path | None = None,
 ) -> tuple[PairModel, float, dict[str, float]]:
     """The pair model fitted on every source's catalogs, and its operating point: leaving each
     source out in turn, the threshold with the best mean F1 over the held-out sources. Returns
-    the model, the minimum probability and each held-out source's F1 there."""
+    the model, the minimum probability and each held-out source's F1 there. `cache`: where
+    fitted models are kept and reused (`fit_model`)."""
     console = console or Console(stderr=True, quiet=True)
     curves = {}
     for held in sources:
         console.print(f"operating point: {held} held out")
         rest = [c for name, group in sources.items() if name != held for c in group]
-        curves[held] = held_out_f1(fit_model(rest), sources[held])
+        curves[held] = held_out_f1(fit_model(rest, cache), sources[held])
     best = int(np.argmax(np.mean(list(curves.values()), axis=0)))
     console.print("fitting on every source")
-    model = fit_model([c for group in sources.values() for c in group])
+    model = fit_model([c for group in sources.values() for c in group], cache)
     return model, float(THRESHOLD_GRID[best]), {s: float(c[best]) for s, c in curves.items()}
 
 
