@@ -106,3 +106,19 @@ def test_new_listings_join_their_products_cluster(tmp_path: Path, encoders) -> N
     assert len(log.events(kind="joined")) + len(log.events(kind="founded")) == len(later) + 1
     index.close()
     log.close()
+
+
+def test_proposed_merges_are_decided_once(tmp_path: Path) -> None:
+    log = ClusterLog(tmp_path / "products.clusters.sqlite")
+    log.join("a", "c-1", "h", "founded", {})
+    log.join("b", "c-2", "h", "founded", {})
+    log.join("c", "c-3", "h", "founded", {})
+    log.join("x", "c-1", "h", "joined", {}, [("c-2", {"matches": []})])
+    log.join("y", "c-1", "h", "joined", {}, [("c-3", {"matches": []})])
+    pending = {(e.cluster_id, e.detail["with"]) for e in log.pending_merges()}
+    assert pending == {("c-1", "c-2"), ("c-1", "c-3")}
+    assert log.merge("c-1", "c-2", {"reviewed": True}) == ["b"]
+    log.keep_apart("c-1", "c-3", {"reviewed": True})
+    assert log.pending_merges() == [] and log.member("b").cluster_id == "c-1"
+    assert log.sizes() == {"c-1": 4, "c-3": 1}
+    log.close()

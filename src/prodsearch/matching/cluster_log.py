@@ -198,6 +198,40 @@ class ClusterLog:
                 left.append(pid)
         return left
 
+    def pending_merges(self) -> list[Event]:
+        """The proposed merges nobody decided yet whose two clusters both still exist (the
+        latest proposal of each pair of clusters)."""
+        sizes = self.sizes()
+        decided = {
+            frozenset((e.cluster_id, e.detail.get("with")))
+            for e in self.events()
+            if e.kind in ("merged", "kept apart") and e.detail.get("with")
+        }
+        latest: dict[frozenset[str], Event] = {}
+        for event in self.events(kind="proposed merge"):
+            key = frozenset((event.cluster_id, event.detail["with"]))
+            if key not in decided and all(c in sizes for c in key):
+                latest[key] = event
+        return sorted(latest.values(), key=lambda e: e.seq)
+
+    def merge(self, into: str, other: str, detail: Mapping[str, Any]) -> list[str]:
+        """Move every product of cluster `other` into `into` (a reviewed merge); returns them."""
+        with self._transaction() as db:
+            moved = [
+                pid
+                for (pid,) in db.execute(
+                    "SELECT product_id FROM members WHERE cluster_id = ?", (other,)
+                ).fetchall()
+            ]
+            db.execute("UPDATE members SET cluster_id = ? WHERE cluster_id = ?", (into, other))
+            self._event(db, now(), "merged", into, moved, {"with": other, **detail})
+        return moved
+
+    def keep_apart(self, cluster: str, other: str, detail: Mapping[str, Any]) -> None:
+        """Record that two clusters a product linked are different products (no merge)."""
+        with self._transaction() as db:
+            self._event(db, now(), "kept apart", cluster, [], {"with": other, **detail})
+
     def replace_all(
         self,
         membership: Mapping[str, str],

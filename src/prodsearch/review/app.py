@@ -216,6 +216,29 @@ def split(number: int, body: SplitIn, request: Request) -> StoredOut:
     return StoredOut(stored=_out(_last_action(session)), status=session.status())
 
 
+class MergeIn(BaseModel):
+    """An answer to a proposed merge of two stored clusters."""
+
+    cluster_id: str
+    other: str = Field(alias="with")
+    merge: bool
+
+
+@router.get("/api/proposed-merges")
+def proposed_merges(request: Request) -> list[dict[str, Any]]:
+    """Merges of stored clusters that assigning new products proposed, not decided yet."""
+    return _session(request).proposed_merges()
+
+
+@router.post("/api/proposed-merges")
+def decide_merge(body: MergeIn, request: Request) -> dict[str, Any]:
+    """Merge two stored clusters, or keep them apart; the answer is stored as a pair label."""
+    session = _session(request)
+    if not session.decide_merge(body.cluster_id, body.other, body.merge):
+        raise HTTPException(404, f"no pending merge of {body.cluster_id} and {body.other}")
+    return {"proposed_merges": session.proposed_merges(), "status": session.status()}
+
+
 def _last_action(session: ReviewSession) -> list[Any]:
     current = session.answers.current()
     last = max((a.action for a in current), default=None)

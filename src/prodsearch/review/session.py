@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from prodsearch.index import Index
+from prodsearch.matching.cluster_log import CLUSTER_KEY, ClusterLog
 from prodsearch.matching.clusters import cluster_members
 from prodsearch.matching.dedup import DedupResult, run_dedup
 from prodsearch.review.answers import AnswerStore
@@ -20,6 +21,7 @@ from prodsearch.review.queue import ReviewPairs, next_batch, review_pairs, uncer
 from prodsearch.review.report import build_report
 from prodsearch.review.views import pair_view, product_view
 from prodsearch.settings import DedupSettings, update_settings_file
+from prodsearch.state import state_file
 
 Progress = Callable[[str, int, int], None]
 
@@ -51,6 +53,7 @@ class ReviewSession:
         self.payloads: dict[str, dict[str, Any]] = {}
         self.result: DedupResult | None = None
         self.pairs: ReviewPairs | None = None
+        self._log: ClusterLog | None = None
 
     # -- the decision -------------------------------------------------------------------------
     def refresh(self) -> None:
@@ -184,6 +187,64 @@ class ReviewSession:
             return len(self.answers.record(triples, source="cluster"))
 
     # -- calibrating --------------------------------------------------------------------------
+    # -- merges proposed by assignments (the stored clusters) --------------------------------------
+    def proposed_merges(self) -> list[dict[str, Any]]:
+        """The stored clusters' pending merge proposals: the two clusters (a few titles of each)
+        and the product that linked them."""
+        log = self._cluster_log()
+        if log is None:
+            return []
+        out = []
+        for event in log.pending_merges():
+            clusters = {
+                c: [m.product_id for m in log.members(c)]
+                for c in (event.cluster_id, event.detail["with"])
+            }
+            out.append(
+                {
+                    "cluster_id": event.cluster_id,
+                    "with": event.detail["with"],
+                    "product": event.products[0],
+                    "titles": {
+                        c: [self._title(pid) for pid in members[:4]]
+                        for c, members in clusters.items()
+                    },
+                    "sizes": {c: len(members) for c, members in clusters.items()},
+                }
+            )
+        return out
+
+    def decide_merge(self, cluster_id: str, other: str, merge: bool) -> bool:
+        """Merge two stored clusters (or keep them apart) and record the answer as pair labels
+        (each cluster's first member against the other's); False when no such proposal is
+        pending."""
+        log = self._cluster_log()
+        pending = log.pending_merges() if log else []
+        if log is None or not any(
+            {e.cluster_id, e.detail["with"]} == {cluster_id, other} for e in pending
+        ):
+            return False
+        first = [log.members(c)[0].product_id for c in (cluster_id, other)]
+        with self._lock:
+            self.answers.record([(*first, "same" if merge else "different")], source="merge")
+            if merge:
+                moved = log.merge(cluster_id, other, {"reviewed": True})
+                self.index.set_payload(moved, {CLUSTER_KEY: cluster_id})
+            else:
+                log.keep_apart(cluster_id, other, {"reviewed": True})
+        return True
+
+    def _cluster_log(self) -> ClusterLog | None:
+        path = state_file(self.index.settings, "clusters")
+        if not path.is_file():
+            return None
+        if self._log is None:
+            self._log = ClusterLog(path)
+        return self._log
+
+    def _title(self, product_id: str) -> str:
+        return str(self.payloads.get(product_id, {}).get("title") or product_id)
+
     def calibrate(self) -> dict[str, Any]:
         """Fit the calibration from the current answers, apply it (the dedup result is
         recomputed with it), write it to the settings file when the session has one, and keep

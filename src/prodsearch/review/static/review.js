@@ -214,8 +214,31 @@ async function undo() {
   }
 }
 
+// -- merges that assigning new products proposed ---------------------------------------------
+async function loadProposedMerges() {
+  const proposals = await api("/api/proposed-merges");
+  const box = document.getElementById("proposed-merges");
+  if (!proposals.length) { box.replaceChildren(); return; }
+  box.replaceChildren(
+    el("h2", {}, `Proposed merges (${proposals.length})`),
+    ...proposals.map((p) => el("div", { class: "proposal" },
+      el("p", {}, `"${p.product}" matched both:`),
+      el("ul", {}, ...[p.cluster_id, p.with].map((c) =>
+        el("li", {}, `${c} (${p.sizes[c]} products): ${p.titles[c].join(" · ")}`))),
+      el("button", { onclick: () => decideMerge(p, true) }, "Merge: one product"),
+      el("button", { onclick: () => decideMerge(p, false) }, "Keep apart"),
+    )),
+  );
+}
+
+async function decideMerge(proposal, merge) {
+  await post("/api/proposed-merges", { cluster_id: proposal.cluster_id, with: proposal.with, merge });
+  await loadProposedMerges();
+}
+
 // -- clusters --------------------------------------------------------------------------------
 async function loadClusters() {
+  await loadProposedMerges();
   const clusters = await api("/api/clusters");
   const list = document.getElementById("cluster-list");
   if (!clusters.length) {
