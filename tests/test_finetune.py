@@ -64,6 +64,65 @@ def test_text_recipe_full_rank_ships_an_svd_adapter(tmp_path: Path) -> None:
     assert not np.allclose(vectors, TextEncoder().encode_titles(titles), atol=1e-3)
 
 
+REVIEW_CATALOG = """id,title
+k1,Kipas angin portable XB-450 hitam
+k2,KIPAS ANGIN PORTABLE XB450 HITAM
+k3,kipas angin portabel xb 450 warna hitam
+p1,Kipas angin portable XB-450 putih
+s1,Sepatu sneakers wanita putih
+"""
+REVIEW_LABELS = """id_a,id_b,same
+k1,k2,same
+k2,k3,yes
+k1,p1,different
+s1,k3,no
+"""
+
+
+def test_review_answers_become_groups_and_hard_negatives(tmp_path: Path) -> None:
+    from finetune.text import labelled_titles
+    from prodsearch.errors import CatalogError
+
+    (tmp_path / "catalog.csv").write_text(REVIEW_CATALOG)
+    (tmp_path / "labels.csv").write_text(REVIEW_LABELS)
+    answered = labelled_titles(tmp_path / "labels.csv", tmp_path / "catalog.csv")
+    assert len(answered.titles) == 3 and set(answered.groups.tolist()) == {0}  # k1-k2-k3 chain
+    assert ("Kipas angin portable XB-450 hitam", "Kipas angin portable XB-450 putih") in (
+        answered.negatives
+    )
+    assert len(answered.negatives) == 2
+    (tmp_path / "bad.csv").write_text("id_a,id_b,same\nk1,zz9,same\n")
+    with pytest.raises(CatalogError, match="zz9"):
+        labelled_titles(tmp_path / "bad.csv", tmp_path / "catalog.csv")
+
+
+@needs_shopee
+def test_text_recipe_learns_from_review_answers(tmp_path: Path) -> None:
+    from finetune import text
+
+    (tmp_path / "catalog.csv").write_text(REVIEW_CATALOG)
+    (tmp_path / "labels.csv").write_text(REVIEW_LABELS)
+    config = load_config(
+        text.CONFIG,
+        {"epochs": 2, "batch_size": 16, "lora_rank": 4, "max_tokens": 24, **FIXED_MARGIN},
+    )
+    config["label_negative_weight"] = 5.0
+    fields = text.train(
+        config,
+        tmp_path / "adapter",
+        DATA,
+        limit_groups=24,
+        labels=tmp_path / "labels.csv",
+        catalog=tmp_path / "catalog.csv",
+    )
+    assert fields["data"]["labelled_titles"] == 3 and fields["data"]["rejected_pairs"] == 2
+    pair = ["Kipas angin portable XB-450 hitam", "Kipas angin portable XB-450 putih"]
+    before = TextEncoder().encode_titles(pair)
+    after = TextEncoder(adapter=tmp_path / "adapter").encode_titles(pair)
+    # the rejected pair is pushed apart
+    assert float(after[0] @ after[1]) < float(before[0] @ before[1]) - 0.02
+
+
 def test_svd_adapter_reproduces_tuned_weights_at_full_rank_and_truncates_below() -> None:
     import torch
     from sentence_transformers import SentenceTransformer

@@ -118,11 +118,17 @@ class PairModelSettings(BaseModel):
     candidates of the default formula (weights and floors): change those and fit a new one."""
 
     model: Path | None = Field(
-        None, description="Pair model file; None = the shipped one (fitted on Shopee val)."
+        None,
+        description="Pair model file; None = the shipped one (fitted on Shopee val and the "
+        "product_pairs train splits: assets/pair_model.manifest.json).",
     )
-    min_probability: float = Field(0.32, description="Probability a match must reach.")
+    min_probability: float = Field(
+        0.7,
+        description="Probability a match must reach (the shipped model's: the best mean F1 over "
+        "its sources, each decided by a model fitted without it).",
+    )
     min2_min_probability: float = Field(
-        0.32, description="Probability a lone product's best candidate must reach (min-2)."
+        0.7, description="Probability a lone product's best candidate must reach (min-2)."
     )
     calibration: CalibrationSettings | None = Field(
         None,
