@@ -265,7 +265,13 @@ def test_upsert_get_match_delete(fresh_client: TestClient) -> None:
     ]
     first = fresh_client.post("/products", json={"products": products})
     assert first.status_code == 200, first.text
-    assert first.json() == {"upserted": 3, "unchanged": 0, "rejected": 0, "rejections": []}
+    assert first.json() == {
+        "upserted": 3,
+        "unchanged": 0,
+        "rejected": 0,
+        "rejections": [],
+        "assignments": [],
+    }
 
     stored = fresh_client.get("/products/kopi-1").json()
     assert stored["payload"]["price"] == 12 and stored["payload"]["title"].startswith("Kopi")

@@ -15,7 +15,7 @@ from prodsearch.matching.candidates import RelativeFilters, collect_candidates
 from prodsearch.matching.dedup import default_search, run_dedup
 from prodsearch.matching.explain import explain
 from prodsearch.matching.features import table_features
-from prodsearch.matching.pair_model import PairModel
+from prodsearch.matching.pair_model import MODEL_CANDIDATES, PairModel
 from prodsearch.recipes import load_recipe
 from prodsearch.settings import DedupSettings, Settings
 
@@ -109,7 +109,9 @@ def test_dedup_with_the_pair_model_follows_its_probabilities(catalog_index, tmp_
     products = list(catalog_index.scroll())
     search = default_search(catalog_index)
     table = collect_candidates(catalog_index, products, search)
-    probability = model.probabilities(table, table_features(table, products))
+    top, rows = table.top(MODEL_CANDIDATES)  # the model scores each product's best candidates
+    probability = np.zeros(len(table))
+    probability[rows] = model.probabilities(top, table_features(top, products))
     expected = {pid: set() for pid in table.ids}
     for a, b, p in zip(table.a, table.b, probability, strict=True):
         if p >= pair.min_probability:

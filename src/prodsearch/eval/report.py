@@ -65,7 +65,16 @@ class EvalResult:
             self.pair_model.save(model_path)
             pair = {**tuned["dedup"]["pair_model"], "model": str(model_path.resolve())}
             tuned = {**tuned, "dedup": {**tuned["dedup"], "pair_model": pair}}
-        path.write_text(tomli_w.dumps(tuned), encoding="utf-8")
+        path.write_text(tomli_w.dumps(_without_none(tuned)), encoding="utf-8")
+
+
+def _without_none(table: dict[str, Any]) -> dict[str, Any]:
+    """`table` without its None values (TOML has none: an absent key reads as the default)."""
+    return {
+        key: _without_none(value) if isinstance(value, dict) else value
+        for key, value in table.items()
+        if value is not None
+    }
 
 
 def format_table(result: EvalResult) -> Table:

@@ -1,13 +1,17 @@
 """Fitting the pair model on several labelled sources, so that it decides catalogs it never saw.
 
 A source is one labelled catalog family (Shopee; each product_pairs set). Its fit catalogs come
-in two structures, so the model meets several "offers per product" regimes (README, Transfer):
+in three structures, so the model meets several "offers per product" regimes (README, Transfer):
 - Shopee: `val` with `train` groups as distractors (groups of 2-50 listings), and `val` cut to
   at most 2 listings per group (one listing per product and source, like a two-shop catalog);
 - a product_pairs set: every record of its `train.txt` (pair labels: labelled pairs keep their
   label, pairs inside one chain of positive labels are the same product, the other candidate
   pairs are not fitted on), and the records of its positive pairs alone (every candidate pair
-  labelled by the chains: a mostly-pairs catalog).
+  labelled by the chains: a mostly-pairs catalog);
+- and for each: one listing per product (Shopee `val`'s groups; a set's chains of positives), a
+  catalog without a duplicate, where every candidate pair is a different product: a product's
+  nearest neighbour is then not its duplicate, however mutual, so the model learns what the
+  relative signals mean only beside absolute evidence (a new catalog's first batch looks so).
 Each catalog is ingested into its own collection, its candidate-pair table collected with the
 default search and cut to each product's `MODEL_CANDIDATES` best, its features computed with
 its own statistics. Each catalog weighs the same in the fit, whatever its size; folds are
@@ -225,7 +229,29 @@ def open_source(
         chained = [r for r in rows if r.product_id in positive]
         kept = [x for x in labels if x.id_a in positive and x.id_b in positive]
         out.append(_pair_collection(store, f"{name}-fit-pairs", chained, kept, console))
+        chains = label_groups([r.product_id for r in chained], kept)
+        out.append(_singles(store, f"{name}-fit-singles", chained, chains, console))
     return out
+
+
+def _singles(
+    store: Index,
+    name: str,
+    rows: Sequence[CatalogRow],
+    groups: Mapping[str, object],
+    console: Console,
+) -> LabelledCollection:
+    """The first of `rows` of each group, in a collection of its own: a catalog without
+    duplicates (module docstring)."""
+    first: dict[object, CatalogRow] = {}
+    for row in rows:
+        first.setdefault(groups[row.product_id], row)
+    singles = list(first.values())
+    index = Index(store.store, name, store.settings, store.encoders)
+    products = ingest_labelled(index, singles, console)
+    return LabelledCollection(
+        name, index, products, groups={r.product_id: groups[r.product_id] for r in singles}
+    )
 
 
 def _pair_collection(
@@ -260,6 +286,7 @@ def _shopee(data: Path, part: str, store: Index, console: Console) -> list[Label
     return [
         _split_collection("shopee-fit", val),
         LabelledCollection("shopee-fit-pairs", index, products, groups=groups),
+        _singles(store, "shopee-fit-singles", two, groups, console),
     ]
 
 

@@ -185,6 +185,11 @@ async function answer(kind) {
   }
 }
 
+// the stored answer names a pair in either order
+function samePair(p, q) {
+  return (p.id_a === q.id_a && p.id_b === q.id_b) || (p.id_a === q.id_b && p.id_b === q.id_a);
+}
+
 async function undo() {
   try {
     const result = await post("/api/undo");
@@ -198,8 +203,7 @@ async function undo() {
       if (result.stored.length === 1 && first.source === "pair" && state.view === "pairs") {
         const pair = await api(`/api/pair?id_a=${encodeURIComponent(first.id_a)}` +
           `&id_b=${encodeURIComponent(first.id_b)}`);
-        if (state.position > 0 && state.batch[state.position - 1].id_a === pair.id_a &&
-            state.batch[state.position - 1].id_b === pair.id_b) {
+        if (state.position > 0 && samePair(state.batch[state.position - 1], pair)) {
           state.position -= 1;
         } else {
           state.batch.splice(state.position, 0, pair);
