@@ -80,7 +80,7 @@ def test_relative_features_follow_their_definition() -> None:
     np.testing.assert_allclose(column["text_dense_max"], [1, 1, 1, 1, 1])
     # a missing score is a missing feature; a modality the catalog lacks is missing everywhere
     assert np.isnan(column["chars_rank_min"][1]) and not np.isnan(column["chars_rank_min"][0])
-    assert np.isnan(column["image"]).all() and np.isnan(column["image_quantile"]).all()
+    assert np.isnan(column["image"]).all() and np.isnan(column["image_csls5"]).all()
     np.testing.assert_allclose(column["fused_rank_max"], [1, 2, 1, 1, 1])
     # neighbourhoods (each product and its candidates): {a,b,c} {a,b} {c,d} {c,d}
     np.testing.assert_allclose(column["neighbours_jaccard"], [2 / 3, 0.25, 2 / 3, 1, 1], rtol=1e-6)
@@ -184,8 +184,6 @@ def test_token_features_and_catalog_statistics() -> None:
     ]
     stats = CatalogStats.of(titles)
     assert stats.titles == 5 and stats.document_frequency["photoshop"] == 3
-    # one strong code (tlsf1008d, two titles): each shares it with one other title
-    assert stats.code_multiplicity == 1.0 and stats.coded_share == 0.4
     assert stats.idf("upgrade") > stats.idf("photoshop") > 0
     features = token_features(titles, np.array([0, 1, 3]), np.array([1, 2, 4]), stats)
     column = dict(

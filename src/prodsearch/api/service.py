@@ -160,7 +160,11 @@ class Service:
     def decider(self) -> ProductDecider:
         """The dedup decision on one product's neighbourhood (its model loaded on first use)."""
         if self._decider is None:
-            self._decider = ProductDecider(self.index)
+            try:  # the catalog's statistics, kept in the cluster log, where there is one
+                log: ClusterLog | None = self.cluster_log()
+            except ConfigError:
+                log = None
+            self._decider = ProductDecider(self.index, log=log)
         return self._decider
 
     def match(

@@ -118,7 +118,7 @@ def match(
     same product (and how sure)."""
     from prodsearch.filters import parse_cli_filters
     from prodsearch.index import Index
-    from prodsearch.matching.assign import ProductDecider, query_verdicts
+    from prodsearch.matching.assign import catalog_decider, query_verdicts
     from prodsearch.query import MatchOptions
 
     if fusion not in (None, "rrf", "dbsf", "formula"):
@@ -140,9 +140,8 @@ def match(
     with Index(settings=settings) as index:
         vectors = index.encode_query(title, image, phash)
         matches = index.match_vectors([vectors], options)[0]
-        verdicts = (
-            query_verdicts(ProductDecider(index), vectors, {"title": title or ""}) if decide else {}
-        )
+        query = {"title": title or ""}
+        verdicts = query_verdicts(catalog_decider(index), vectors, query) if decide else {}
     documents = [{**m.as_dict(), **_verdict(verdicts.get(m.product_id), decide)} for m in matches]
     if as_json:
         query = {"title": title, "image": str(image) if image else None}
@@ -246,7 +245,7 @@ def dedup(
                 stderr.print(f"{step}: {done:,}/{total:,}", highlight=False)
 
         result = run_dedup(index, knobs, filters, progress=progress, checkpoint=checkpoint)
-        carried = _stored_clusters(index, result.clusters, apply=apply or not reconcile)
+        carried = _stored_clusters(index, result, apply=apply or not reconcile)
     audit = result.write(out, carried.membership)
     checkpoint.unlink(missing_ok=True)
     seconds = {"ingest": round(ingested, 1)} if catalog is not None else {}
@@ -292,14 +291,14 @@ def _dedup_summary(
     stderr.print(table)
 
 
-def _stored_clusters(index: Any, clusters: dict[str, int], apply: bool) -> Any:
+def _stored_clusters(index: Any, result: Any, apply: bool) -> Any:
     """The run's clusters carried forward from the stored ones (stored when `apply`)."""
     from prodsearch.matching.cluster_log import ClusterLog
     from prodsearch.matching.clusters import store_clusters
     from prodsearch.state import state_file
 
     with ClusterLog(state_file(index.settings, "clusters")) as log:
-        return store_clusters(index, log, clusters, apply=apply)
+        return store_clusters(index, log, result.clusters, apply=apply)
 
 
 def _dedup_knobs(

@@ -14,11 +14,12 @@ clusters is as often a look-alike as a bridge). Products not yet in a cluster co
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
+from prodsearch.errors import ConfigError
 from prodsearch.index import Index, Product
 from prodsearch.matching import decide
 from prodsearch.matching.candidates import Neighbourhood, neighbourhood
@@ -28,6 +29,7 @@ from prodsearch.matching.features import NEIGHBOURS, product_titles
 from prodsearch.matching.pair_model import PairModel
 from prodsearch.matching.relative import CatalogStats
 from prodsearch.settings import DedupSettings, SearchSettings
+from prodsearch.state import state_file
 
 #: how many of a product's best candidates have their own candidates read (their pairs with the
 #: product get complete features; a candidate further down is not decided)
@@ -58,9 +60,16 @@ class ProductDecider:
     """Decides one product's candidate pairs with the decision `dedup` uses."""
 
     def __init__(
-        self, index: Index, knobs: DedupSettings | None = None, search: SearchSettings | None = None
+        self,
+        index: Index,
+        knobs: DedupSettings | None = None,
+        search: SearchSettings | None = None,
+        log: ClusterLog | None = None,
     ) -> None:
+        """`log`: where the catalog statistics are kept between runs (an assigning ingest's
+        cluster log: a re-run after a kill then decides with the statistics the killed run had)."""
         self.index = index
+        self.log = log
         self.knobs = knobs or index.settings.dedup
         self.search = search or default_search(index)
         self.model = (
@@ -70,7 +79,6 @@ class ProductDecider:
         )
         #: the whole catalog's statistics (the features of a neighbourhood's pairs read them)
         self.stats: CatalogStats | None = None
-        self._stats_size = 0
 
     def verdicts(self, product: Product, stored: bool = True) -> list[Verdict]:
         """The verdicts on the product's `DEPTH` best candidates, most probable first (a query
@@ -119,11 +127,17 @@ class ProductDecider:
         decide_by_pair_model(table, products, self.model, self.knobs, eligible, self._stats())
 
     def _stats(self) -> CatalogStats:
-        """The catalog's statistics, gathered again once it grew by a tenth since."""
+        """The catalog's statistics, gathered again once it grew by a tenth since (kept in the
+        log, when there is one)."""
+        if self.stats is None and self.log is not None:
+            kept = self.log.catalog_stats()
+            self.stats = CatalogStats(**kept) if kept else None
         size = self.index.count()
-        if self.stats is None or size > 1.1 * self._stats_size:
+        if self.stats is None or size > 1.1 * self.stats.titles:
             titles = product_titles(list(self.index.scroll(with_vectors=False)))
-            self.stats, self._stats_size = CatalogStats.of(titles), size
+            self.stats = CatalogStats.of(titles)
+            if self.log is not None:
+                self.log.set_catalog_stats(asdict(self.stats))
         return self.stats
 
     def _products(self, found: Neighbourhood) -> list[Product]:
@@ -139,6 +153,16 @@ class ProductDecider:
             found.product if pid == first else stored.get(pid) or Product(pid, payload, {})
             for pid, payload in found.payloads.items()
         ]
+
+
+def catalog_decider(index: Index) -> ProductDecider:
+    """The `dedup` decision on `index`'s collection, reading the catalog's statistics from its
+    cluster log when it has one (after a `dedup`; else from the neighbourhood at hand)."""
+    try:
+        path = state_file(index.settings, "clusters")
+    except ConfigError:
+        return ProductDecider(index)
+    return ProductDecider(index, log=ClusterLog(path) if path.is_file() else None)
 
 
 def query_verdicts(
@@ -173,7 +197,7 @@ class Assigner:
 
     def __init__(self, index: Index, log: ClusterLog, decider: ProductDecider | None = None):
         self.index, self.log = index, log
-        self.decider = decider or ProductDecider(index)
+        self.decider = decider or ProductDecider(index, log=log)
 
     def assign_pending(self, product_ids: Sequence[str]) -> list[Assignment]:
         """Assign, in this order, the products not in a cluster or changed since they joined

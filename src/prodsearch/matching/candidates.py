@@ -123,7 +123,7 @@ def neighbourhood(
         [product.vectors], options, [filters.for_product(product.payload)]
     )
     first = [m for m in first if m.product_id != product.product_id]
-    nearest = sorted(first, key=lambda m: -m.score)[:depth]
+    nearest = sorted(first, key=lambda m: (-m.score, m.product_id))[:depth]  # ties: by id
     neighbours = index.products([m.product_id for m in nearest], with_vectors=True)
     found = index.match_vectors(
         [p.vectors for p in neighbours],
@@ -137,9 +137,12 @@ def neighbourhood(
             matches.append(Match(product.product_id, mine.score, mine.scores, (), product.payload))
     ids = [p.product_id for p in neighbours]
     results = [(product.product_id, first), *zip(ids, found, strict=True)]
-    payloads = {product.product_id: product.payload}
+    others: dict[str, dict[str, Any]] = {}
     for _, matches in results:
-        payloads.update((m.product_id, m.payload) for m in matches)
+        others.update((m.product_id, m.payload) for m in matches)
+    others.pop(product.product_id, None)
+    # the product first, the others by id: the engine's order of tied candidates never shows
+    payloads = {product.product_id: product.payload, **dict(sorted(others.items()))}
     return Neighbourhood(PairTable.from_matches(list(payloads), results), payloads, product)
 
 

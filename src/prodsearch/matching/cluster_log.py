@@ -45,6 +45,10 @@ CREATE TABLE IF NOT EXISTS events (
     detail TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_by_cluster ON events (cluster_id);
+CREATE TABLE IF NOT EXISTS catalog_stats (
+    only_row INTEGER PRIMARY KEY CHECK (only_row = 1),
+    body TEXT NOT NULL
+);
 """
 
 
@@ -100,6 +104,21 @@ class ClusterLog:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # -- the catalog statistics assignments decide with ------------------------------------
+    def catalog_stats(self) -> dict[str, Any] | None:
+        """The catalog statistics assignments last gathered (`CatalogStats` fields), or None."""
+        rows = self._file.query("SELECT body FROM catalog_stats WHERE only_row = 1")
+        return json.loads(rows[0][0]) if rows else None
+
+    def set_catalog_stats(self, fields: Mapping[str, Any]) -> None:
+        """Keep the statistics assignments decide with, so that a re-run after a kill decides
+        with the same ones as an uninterrupted run."""
+        with self._transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO catalog_stats (only_row, body) VALUES (1, ?)",
+                (json.dumps(dict(fields)),),
+            )
 
     # -- reads --------------------------------------------------------------------------------
     def membership(self) -> dict[str, str]:

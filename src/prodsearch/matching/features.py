@@ -3,16 +3,13 @@
 Every feature is judged against the catalog it comes from, so that a model fitted on some
 catalogs decides on another (README, "Transfer"):
 - per signal (each modality the model reads, and the fused score): the score, its ranks both
-  ways, gaps to each side's best, margins over each side's 2nd/5th/10th best, CSLS, its quantile
-  in the catalog, the density of each side's top (`relative.signal_features`);
+  ways, gaps to each side's best, margins over each side's 2nd/5th/10th best, CSLS, the density
+  of each side's top (read off the two products' own candidate lists), and the score's quantile
+  among the table's pairs (`relative.signal_features`);
 - the titles' model codes (`relative.code_features`) and numbers (`numbers_jaccard` of the two
   titles' number sets, -1 when either has none; `numbers_disjoint`; `numbers_one_sided`);
 - the words one title has and the other lacks, weighted by their IDF in the catalog
   (`relative.token_features`: "upgrade", "academic", "extended" tell editions apart);
-- the catalog's structure, label-free (`relative.CatalogStats`): how many other titles share a
-  strong model code with a coded title (many offers per product, or one listing per product and
-  source) and how many titles have one; the same for every pair of a catalog, it moves the
-  decision between "a rank-5 candidate may be another offer" and "only the best one is";
 - `neighbours_jaccard`: the overlap of the two products' neighbourhoods (each product and its
   `NEIGHBOURS` best candidates by fused score);
 - `blended_<m>` for each blended modality: the cosine of the two products' blended vectors
@@ -36,12 +33,10 @@ import scipy.sparse as sp
 from prodsearch.index import Product
 from prodsearch.matching.blend import blend, dense_matrix
 from prodsearch.matching.relative import (
-    CATALOG_FEATURES,
     CODE_FEATURES,
     SIGNALS,
     TOKEN_FEATURES,
     CatalogStats,
-    catalog_features,
     code_features,
     signal_features,
     signal_names,
@@ -80,7 +75,6 @@ def feature_names(stage: int = 1) -> list[str]:
         *CODE_FEATURES,
         *NUMBER_FEATURES,
         *TOKEN_FEATURES,
-        *CATALOG_FEATURES,
         "neighbours_jaccard",
         *(f"blended_{m}" for m in MODEL_BLENDED),
         *(STAGE_FEATURES if stage > 1 else ()),
@@ -136,7 +130,6 @@ def pair_features(
         )
     )
     columns.append(token_features(titles, a, b, stats))
-    columns.append(catalog_features(stats, len(table)))
     rank = pd.Series(table.fused).groupby(a).rank(ascending=False, method="first").to_numpy()
     close = rank <= NEIGHBOURS
     columns.append(_neighbour_jaccard(table, close)[:, None])

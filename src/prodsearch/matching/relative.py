@@ -15,7 +15,8 @@ candidate-pair table alone:
   5th and 10th best (the lower of the two);
 - `<s>_csls5`, `<s>_csls10`: cross-domain similarity local scaling, `2 s - r_a - r_b` with `r`
   the mean of a side's k best scores (hubness-corrected);
-- `<s>_quantile`: the score's quantile among all the catalog's candidate pairs;
+- `<s>_quantile`: the score's quantile among the table's candidate pairs (the whole catalog's
+  in `dedup`; a product's neighbourhood in an assignment: README, Transfer, says what that costs);
 - `<s>_dense_min` / `_dense_max`: how many of each side's candidates score within 0.05 of its
   best (a dense product line: many look-alikes at the top).
 
@@ -204,8 +205,6 @@ TOKEN_FEATURES = (
     "tokens_length_difference",
     "numbers_subset",
 )
-#: the catalog's structure, the same for every pair of it
-CATALOG_FEATURES = ("catalog_code_multiplicity", "catalog_coded_share")
 
 
 def title_words(title: str) -> frozenset[str]:
@@ -222,15 +221,13 @@ def strong_codes(codes: frozenset[str]) -> frozenset[str]:
 @dataclass(frozen=True)
 class CatalogStats:
     """Label-free statistics of a whole catalog, from its titles: how common each word is (the
-    IDF of the token features) and how many offers a product has, read off the model codes
-    titles share (`code_multiplicity`: among titles with a strong code, the mean number of other
-    titles sharing one; about 5 in a web-shop offer catalog with many offers per product, under 1
-    in a catalog of one listing per product and source)."""
+    IDF of the token features). Constants of the whole catalog (how many offers a product has,
+    the share of titles with codes) are not features: fitted beside catalogs of one listing per
+    product, the trees read them as "this catalog has no duplicates" and decided whole unseen
+    catalogs by them (README, Transfer)."""
 
     titles: int
     document_frequency: dict[str, int]
-    code_multiplicity: float
-    coded_share: float
 
     @classmethod
     def of(cls, titles: Sequence[str]) -> CatalogStats:
@@ -239,22 +236,7 @@ class CatalogStats:
         for words in (title_words(t) for t in titles):
             for word in words:
                 frequency[word] = frequency.get(word, 0) + 1
-        codes = [strong_codes(title_codes(t)) for t in titles]
-        holders: dict[str, set[int]] = {}
-        for i, mine in enumerate(codes):
-            for code in mine:
-                holders.setdefault(code, set()).add(i)
-        shared = [
-            len(set().union(*(holders[c] for c in mine)) - {i})
-            for i, mine in enumerate(codes)
-            if mine
-        ]
-        return cls(
-            titles=len(titles),
-            document_frequency=frequency,
-            code_multiplicity=float(np.mean(shared)) if shared else 0.0,
-            coded_share=float(np.mean([bool(c) for c in codes])) if codes else 0.0,
-        )
+        return cls(titles=len(titles), document_frequency=frequency)
 
     def idf(self, word: str) -> float:
         """The word's inverse document frequency in the catalog (smoothed; unseen words rare)."""
@@ -296,11 +278,6 @@ def token_features(
             )
         )
     return np.array(rows, dtype=np.float64).reshape(-1, len(TOKEN_FEATURES))
-
-
-def catalog_features(stats: CatalogStats, n: int) -> np.ndarray:
-    """The `CATALOG_FEATURES`, the same on each of `n` pairs."""
-    return np.tile([stats.code_multiplicity, stats.coded_share], (n, 1)).astype(np.float64)
 
 
 _NUMBER_TOKEN = re.compile(r"\d+(?:[.,]\d+)?")

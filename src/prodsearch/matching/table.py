@@ -82,7 +82,8 @@ class PairTable:
         fused: list[float] = []
         scores: dict[str, list[float]] = {m: [] for m in MODALITIES}
         for pid, matches in results:
-            for match in matches:
+            # tied candidates in one order whatever order the engine gave them in
+            for match in sorted(matches, key=lambda m: (-m.score, m.product_id)):
                 other = position.get(match.product_id)
                 if other is None or match.product_id == pid:
                     continue
