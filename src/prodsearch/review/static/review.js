@@ -3,7 +3,10 @@
 "use strict";
 
 const BATCH = 10;
-const state = { batch: [], position: 0, view: "pairs", cluster: null, chain: Promise.resolve() };
+const state = {
+  batch: [], position: 0, view: "pairs", cluster: null, chain: Promise.resolve(),
+  answered: [],  // the pairs answered here, as they were shown (undo shows them the same way)
+};
 
 // Key presses and clicks run one after another, in the order given: a fast typist's answers
 // are neither lost nor applied to the wrong pair.
@@ -173,6 +176,7 @@ async function answer(kind) {
   if (!pair) return;
   try {
     const result = await post("/api/answers", { id_a: pair.id_a, id_b: pair.id_b, answer: kind });
+    state.answered.push(pair);
     lastStatus = result.status;
     showStatus(result.status);
     say(`Saved: ${pair.id_a} / ${pair.id_b} ${kind}.`, true);
@@ -201,8 +205,10 @@ async function undo() {
       say(`Undone: ${result.stored.length} answer(s).`, true);
       const first = result.stored[0];
       if (result.stored.length === 1 && first.source === "pair" && state.view === "pairs") {
-        const pair = await api(`/api/pair?id_a=${encodeURIComponent(first.id_a)}` +
-          `&id_b=${encodeURIComponent(first.id_b)}`);
+        const shown = state.answered.pop();
+        const pair = shown && samePair(shown, first) ? shown :
+          await api(`/api/pair?id_a=${encodeURIComponent(first.id_a)}` +
+            `&id_b=${encodeURIComponent(first.id_b)}`);
         if (state.position > 0 && samePair(state.batch[state.position - 1], pair)) {
           state.position -= 1;
         } else {
