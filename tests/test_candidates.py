@@ -53,10 +53,10 @@ def test_a_checkpoint_of_other_inputs_is_not_reused(catalog_index, tmp_path) -> 
     within = RelativeFilters(within=(("price", 0.2),))
     collect_candidates(catalog_index, products, search, within, checkpoint=checkpoint)
 
-    def reused(index: Index, filters: RelativeFilters, found: list) -> bool:
+    def reused(index: Index, filters: RelativeFilters, found: list, with_search=search) -> bool:
         """Whether a pass with these inputs read the checkpoint back (its header unchanged)."""
         header = checkpoint.read_text().splitlines()[0]
-        collect_candidates(index, found, search, filters, checkpoint=checkpoint)
+        collect_candidates(index, found, with_search, filters, checkpoint=checkpoint)
         return checkpoint.read_text().splitlines()[0] == header
 
     assert reused(catalog_index, within, products), "same inputs: reused"
@@ -69,6 +69,12 @@ def test_a_checkpoint_of_other_inputs_is_not_reused(catalog_index, tmp_path) -> 
         == pair_set(fresh)
         != pair_set(collect_candidates(catalog_index, products, search, within))
     )
+    floors = search.formula.floors.model_copy(update={"text": search.formula.floors.text + 0.1})
+    stricter = search.model_copy(
+        update={"formula": search.formula.model_copy(update={"floors": floors})}
+    )
+    assert not reused(catalog_index, wider, products, stricter), "another floor: started over"
+    assert not reused(catalog_index, wider, products), "and back: started over again"
     broader = reconfigured(catalog_index, hnsw_ef=300)
     assert not reused(broader, wider, products), "another search breadth: started over"
     # the same count of products, one product's content changed
