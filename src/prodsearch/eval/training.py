@@ -1,6 +1,8 @@
 """Fitting the pair model on several labelled sources, so that it decides catalogs it never saw.
 
-A source is one labelled catalog family (Shopee; each product_pairs set). Its fit catalogs come
+A source is one labelled catalog family (Shopee; each product_pairs set; Grocery Store photos,
+the one with images: its catalogue image of each product beside untitled shop photos, and one
+photo per product). Its fit catalogs come
 in three structures, so the model meets several "offers per product" regimes (README, Transfer):
 - Shopee: `val` with `train` groups as distractors (groups of 2-50 listings), and `val` cut to
   at most 2 listings per group (one listing per product and source, like a two-shop catalog);
@@ -48,7 +50,7 @@ from prodsearch.matching.table import PairTable
 THRESHOLD_GRID = np.round(np.arange(0.05, 0.91, 0.05), 3)
 #: the product_pairs sets (../shared/data/product_pairs)
 PAIR_SOURCES = ("wdc_computers", "wdc_cameras", "amazon_google")
-SOURCES = ("shopee", *PAIR_SOURCES)
+SOURCES = ("shopee", *PAIR_SOURCES, "grocery")
 
 
 @dataclass
@@ -221,6 +223,8 @@ def open_source(
     console = console or Console(stderr=True, quiet=True)
     if name == "shopee":
         return _shopee(data, part, store, console)
+    if name == "grocery":
+        return _grocery(data, part, store, console)
     folder = data / "product_pairs" / name
     rows, labels = read_pair_file(folder / f"{'train' if part == 'fit' else 'valid'}.txt")
     out = [_pair_collection(store, f"{name}-{part}", rows, labels, console)]
@@ -288,6 +292,35 @@ def _shopee(data: Path, part: str, store: Index, console: Console) -> list[Label
         LabelledCollection("shopee-fit-pairs", index, products, groups=groups),
         _singles(store, "shopee-fit-singles", two, groups, console),
     ]
+
+
+def _grocery(data: Path, part: str, store: Index, console: Console) -> list[LabelledCollection]:
+    """Grocery Store photos as a catalog: the catalogue image of each of its 81 products (titled
+    with the product's name) beside the shop photos of a split, untitled (fit: `val`, whose
+    photos the image encoder was not trained on; eval: `test`); grouped by product."""
+    import pandas as pd
+
+    folder = data / "grocery_store"
+    frame = pd.read_csv(folder / "images.csv")
+    split = "val" if part == "fit" else "test"
+    frame = frame[frame["split"].isin([split, "iconic"])]
+    rows = [
+        CatalogRow(
+            row=number,
+            product_id=f"grocery-{record.id}",
+            title=record.class_name.replace("-", " ") if record.split == "iconic" else None,
+            image_path=folder / record.image,
+            payload={"label_group": int(record.label_group)},
+        )
+        for number, record in enumerate(frame.itertuples(), start=1)
+    ]
+    groups = {r.product_id: r.payload["label_group"] for r in rows}
+    name = f"grocery-{part}"
+    index = Index(store.store, name, store.settings, store.encoders)
+    collection = LabelledCollection(name, index, ingest_labelled(index, rows, console), groups)
+    if part != "fit":
+        return [collection]
+    return [collection, _singles(store, "grocery-fit-singles", rows, groups, console)]
 
 
 def _split_collection(name: str, split: object) -> LabelledCollection:
