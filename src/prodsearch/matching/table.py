@@ -26,6 +26,8 @@ import pandas as pd
 
 from prodsearch.settings import MODALITIES
 
+#: decimals an engine score is kept to in the table
+SCORE_DECIMALS = 5
 #: what decided a pair (the `rule` column); "" = not a match
 RULES = ("", "modality score", "fused score", "pair model", "min-2")
 
@@ -82,16 +84,19 @@ class PairTable:
         fused: list[float] = []
         scores: dict[str, list[float]] = {m: [] for m in MODALITIES}
         for pid, matches in results:
-            # tied candidates in one order whatever order the engine gave them in
-            for match in sorted(matches, key=lambda m: (-m.score, m.product_id)):
+            # scores to SCORE_DECIMALS (the engine's last bits vary from run to run) and tied
+            # candidates in one order, whatever order the engine gave them in
+            ordered = sorted(matches, key=lambda m: (-round(m.score, SCORE_DECIMALS), m.product_id))
+            for match in ordered:
                 other = position.get(match.product_id)
                 if other is None or match.product_id == pid:
                     continue
                 a.append(position[pid])
                 b.append(other)
-                fused.append(match.score)
+                fused.append(round(match.score, SCORE_DECIMALS))
                 for modality, values in scores.items():
-                    values.append(match.scores.get(modality, np.nan))
+                    value = match.scores.get(modality)
+                    values.append(np.nan if value is None else round(value, SCORE_DECIMALS))
         return cls.build(
             ids,
             np.array(a, dtype=np.int64),
