@@ -19,7 +19,7 @@ from typing import Any
 from prodsearch.filters import Condition, FilterSpec, Range
 from prodsearch.index import Index, Match, Product
 from prodsearch.matching.checkpoint import Checkpoint
-from prodsearch.matching.table import SCORE_DECIMALS, PairTable
+from prodsearch.matching.table import PairTable, candidate_order
 from prodsearch.query import MatchOptions
 from prodsearch.settings import MODALITIES, SearchSettings
 
@@ -123,7 +123,7 @@ def neighbourhood(
         [product.vectors], options, [filters.for_product(product.payload)]
     )
     first = [m for m in first if m.product_id != product.product_id]
-    nearest = sorted(first, key=lambda m: (-round(m.score, SCORE_DECIMALS), m.product_id))[:depth]
+    nearest = sorted(first, key=candidate_order)[:depth]
     neighbours = index.products([m.product_id for m in nearest], with_vectors=True)
     found = index.match_vectors(
         [p.vectors for p in neighbours],

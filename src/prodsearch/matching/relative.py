@@ -212,12 +212,6 @@ def title_words(title: str) -> frozenset[str]:
     return frozenset(_WORD.findall(title.lower()))
 
 
-def strong_codes(codes: frozenset[str]) -> frozenset[str]:
-    """The model codes of 4+ characters with 2+ digits (`cs3`, `x4`, `80d` are too common to
-    identify a product)."""
-    return frozenset(c for c in codes if len(c) >= 4 and sum(ch.isdigit() for ch in c) >= 2)
-
-
 @dataclass(frozen=True)
 class CatalogStats:
     """Label-free statistics of a whole catalog, from its titles: how common each word is (the

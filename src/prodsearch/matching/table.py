@@ -37,6 +37,13 @@ def score_column(modality: str) -> str:
     return f"score_{modality}"
 
 
+def candidate_order(match: Any) -> tuple[float, str]:
+    """The sort key of a product's candidates: best score first (to SCORE_DECIMALS, as the table
+    keeps it: the engine's last bits vary from run to run), ties by product id, so the engine's
+    order of tied candidates never shows."""
+    return (-round(match.score, SCORE_DECIMALS), match.product_id)
+
+
 @dataclass
 class PairTable:
     """Every product's candidates as one table (see the module docstring for its columns)."""
@@ -84,10 +91,7 @@ class PairTable:
         fused: list[float] = []
         scores: dict[str, list[float]] = {m: [] for m in MODALITIES}
         for pid, matches in results:
-            # scores to SCORE_DECIMALS (the engine's last bits vary from run to run) and tied
-            # candidates in one order, whatever order the engine gave them in
-            ordered = sorted(matches, key=lambda m: (-round(m.score, SCORE_DECIMALS), m.product_id))
-            for match in ordered:
+            for match in sorted(matches, key=candidate_order):
                 other = position.get(match.product_id)
                 if other is None or match.product_id == pid:
                     continue
