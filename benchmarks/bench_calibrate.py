@@ -9,10 +9,13 @@ bench_transfer); the catalog under review is every record of its train and valid
 by that model. A simulated user answers the page's own queue (`review.queue.next_batch`: the
 uncertain pairs first, spread over products and signal patterns) from the catalog's TRAIN labels
 (a labelled pair as labelled, a pair inside one chain of positive labels "same"; any other pair
-"not sure", which is not counted as an answer). After 0, 25, 50, 100 and 200 answers the catalog
-is calibrated on them (`matching.calibrate`) and its VALID pairs scored (pair F1, a pair predicted
-same when either direction is decided); beside it, the same counts of randomly chosen train
-labels, and calibrating on the whole train split. Prints a table; writes a PNG of the curves.
+"not sure", which is not counted as an answer), pressing Calibrate after every 25 answers (the
+queue then follows the calibrated decision, as the page's does). After 0, 25, 50, 100 and 200
+answers the catalog is calibrated on them (`matching.calibrate`) and its VALID pairs scored (pair
+F1, a pair predicted same when either direction is decided); beside it, the same counts of
+randomly chosen train labels (mean of 5 draws), the queue's answers fitted by Platt scaling alone
+(the calibration before feature weights), and calibrating on the whole train split. Prints a
+table; writes a PNG of the curves.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from prodsearch.catalog import CatalogRow  # noqa: E402
+from prodsearch.errors import ConfigError  # noqa: E402
 from prodsearch.eval.metrics import pair_scores  # noqa: E402
 from prodsearch.eval.training import (  # noqa: E402
     PAIR_SOURCES,
@@ -42,11 +46,17 @@ from prodsearch.eval.training import (  # noqa: E402
 )
 from prodsearch.index import Index  # noqa: E402
 from prodsearch.labels import PairLabel, label_groups, read_pair_file  # noqa: E402
-from prodsearch.matching.calibrate import Calibration, calibrate  # noqa: E402
+from prodsearch.matching.calibrate import fit_calibration  # noqa: E402
+from prodsearch.matching.pair_model import ScoredPairs  # noqa: E402
 from prodsearch.matching.table import PairTable  # noqa: E402
 from prodsearch.review.queue import next_batch, review_pairs  # noqa: E402
 
 COUNTS = (0, 25, 50, 100, 200)
+#: the simulated user presses Calibrate after this many answers (the queue then follows it)
+CALIBRATE_EVERY = 25
+KINDS = ("queue", "random", "queue, Platt alone")
+#: random labels are drawn this many times at each count (the mean F1 is reported)
+RANDOM_DRAWS = 5
 LOG = Console(stderr=True)
 
 
@@ -77,28 +87,47 @@ def oracle(train: list[PairLabel], ids: list[str]) -> dict[frozenset[str], bool]
     return known
 
 
-def queue_answers(table: PairTable, min_probability: float, known: dict, n: int) -> list:
-    """The first `n` same/different answers the page's queue gets from the simulated user."""
+def decided(table: PairTable, probability: np.ndarray, minimum: float) -> PairTable:
+    """The table decided at `minimum` on `probability` (as a dedup run leaves it)."""
+    matched = probability >= minimum
+    frame = table.frame.assign(
+        probability=probability, match=matched, rule=np.where(matched, "pair model", "")
+    )
+    return PairTable(table.ids, frame)
+
+
+def queue_answers(scored: ScoredPairs, minimum: float, known: dict, n: int) -> list:
+    """The first `n` same/different answers the page's queue gets from the simulated user, who
+    presses Calibrate after every CALIBRATE_EVERY answers (the queue is then drawn from the
+    calibrated decision, as the page's is)."""
     fired = {m: 0.0 for m in ("text", "chars", "charcnn", "image", "phash")}
-    pairs = review_pairs(table, fired, min_probability)
-    keys = pairs.keys()
+    probability, threshold = scored.probability, minimum
     asked: set[frozenset[str]] = set()
     answers: list[PairLabel] = []
     while len(answers) < n:
-        side = 0
-        if answers and all(a.same for a in answers):
-            side = -1
-        elif answers and not any(a.same for a in answers):
-            side = 1
-        batch = next_batch(pairs, asked, 10, side)
-        if not batch:
-            break
-        for row in batch:
-            key = keys[row]
-            asked.add(key)
-            if key in known and len(answers) < n:
-                a, b = sorted(key)
-                answers.append(PairLabel(a, b, known[key]))
+        pairs = review_pairs(decided(scored.table, probability, threshold), fired, threshold)
+        keys = pairs.keys()
+        goal = min(n, (len(answers) // CALIBRATE_EVERY + 1) * CALIBRATE_EVERY)
+        while len(answers) < goal:
+            side = 0
+            if answers and all(a.same for a in answers):
+                side = -1
+            elif answers and not any(a.same for a in answers):
+                side = 1
+            batch = next_batch(pairs, asked, 10, side)
+            if not batch:
+                return answers
+            for row in batch:
+                key = keys[row]
+                asked.add(key)
+                if key in known and len(answers) < goal:
+                    a, b = sorted(key)
+                    answers.append(PairLabel(a, b, known[key]))
+        try:
+            fit = fit_calibration(scored, answers)
+            probability, threshold = fit.apply(scored), fit.min_probability
+        except ConfigError:
+            pass
     return answers
 
 
@@ -113,11 +142,30 @@ def valid_f1(table: PairTable, probability: np.ndarray, minimum: float, valid: l
     return pair_scores(predicted, [(x.id_a, x.id_b, x.same) for x in valid]).f1
 
 
-def calibrated_f1(table: PairTable, raw: np.ndarray, labels: list, valid: list) -> float:
-    """Valid F1 after calibrating on `labels` (the operating point it chooses)."""
-    scored = PairTable(table.ids, table.frame.assign(probability=raw))
-    fitted: Calibration = calibrate(scored, labels)
-    return valid_f1(table, fitted.apply(raw), fitted.min_probability, valid)
+def calibrated_f1(scored: ScoredPairs, labels: list, valid: list, weights: bool = True) -> float:
+    """Valid F1 after calibrating on `labels` (the operating point it chooses; `weights=False`:
+    Platt scaling alone)."""
+    fitted = fit_calibration(scored, labels, weights)
+    return valid_f1(scored.table, fitted.apply(scored), fitted.min_probability, valid)
+
+
+def random_f1(
+    scored: ScoredPairs,
+    candidates: list[PairLabel],
+    n: int,
+    valid: list,
+    rng: np.random.Generator,
+) -> float:
+    """Mean valid F1 of calibrating on `n` randomly chosen labelled pairs, over RANDOM_DRAWS
+    draws (a draw that cannot calibrate, its usable answers all one way, is skipped)."""
+    scores = []
+    for _ in range(RANDOM_DRAWS):
+        picked = [candidates[i] for i in rng.choice(len(candidates), n, replace=False)]
+        try:
+            scores.append(calibrated_f1(scored, picked, valid))
+        except ConfigError:
+            continue
+    return float(np.mean(scores)) if scores else float("nan")
 
 
 def one_catalog(data: Path, name: str, base: Index, fit: dict, cache: Path) -> dict:
@@ -128,26 +176,24 @@ def one_catalog(data: Path, name: str, base: Index, fit: dict, cache: Path) -> d
     labelled = label_collection(collection)
     table = labelled.table
     raw = model.probabilities(table, labelled.features)
-    table.frame["probability"] = raw
-    table.frame["match"] = raw >= minimum
-    table.frame["rule"] = np.where(raw >= minimum, "pair model", "")
+    scored = ScoredPairs(table, np.arange(len(table)), raw, labelled.features)
     known = oracle(train, table.ids)
     candidates = [PairLabel(*sorted(key), same) for key, same in known.items() if len(key) == 2]
     rng = np.random.default_rng(0)
-    curves: dict[str, list[float]] = {"queue": [], "random": []}
+    curves: dict[str, list[float]] = {kind: [] for kind in KINDS}
+    label_free = valid_f1(table, raw, minimum, valid)
     for n in COUNTS:
         if n == 0:
-            label_free = valid_f1(table, raw, minimum, valid)
-            curves["queue"].append(label_free)
-            curves["random"].append(label_free)
+            for kind in KINDS:
+                curves[kind].append(label_free)
             continue
-        curves["queue"].append(
-            calibrated_f1(table, raw, queue_answers(table, minimum, known, n), valid)
-        )
-        picked = [candidates[i] for i in rng.choice(len(candidates), n, replace=False)]
-        curves["random"].append(calibrated_f1(table, raw, picked, valid))
-    whole = calibrated_f1(table, raw, train, valid)
-    return {"curves": curves, "whole": whole, "label_free": curves["queue"][0]}
+        queue = queue_answers(scored, minimum, known, n)
+        curves["queue"].append(calibrated_f1(scored, queue, valid))
+        curves["random"].append(random_f1(scored, candidates, n, valid, rng))
+        curves["queue, Platt alone"].append(calibrated_f1(scored, queue, valid, weights=False))
+    whole = calibrated_f1(scored, train, valid)
+    whole_platt = calibrated_f1(scored, train, valid, weights=False)
+    return {"curves": curves, "whole": whole, "whole_platt": whole_platt, "label_free": label_free}
 
 
 def main() -> None:
@@ -173,9 +219,10 @@ def main() -> None:
     print("| catalog | labels from | " + " | ".join(str(n) for n in COUNTS) + " | whole train |")
     print("|---|---|" + "---|" * (len(COUNTS) + 1))
     for name, result in results.items():
-        for kind in ("queue", "random"):
+        for kind in KINDS:
             cells = " | ".join(f"{v:.3f}" for v in result["curves"][kind])
-            print(f"| {name} | {kind} | {cells} | {result['whole']:.3f} |")
+            whole = result["whole_platt" if "Platt" in kind else "whole"]
+            print(f"| {name} | {kind} | {cells} | {whole:.3f} |")
     plot(results, args.png)
     print(f"\ncurves: {args.png}")
 
@@ -190,7 +237,7 @@ def plot(results: dict, path: Path) -> None:
 
     figure, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), squeeze=False)
     for axis, (name, result) in zip(axes[0], results.items(), strict=True):
-        for kind, style in (("queue", "o-"), ("random", "s--")):
+        for kind, style in zip(KINDS, ("o-", "s--", "^:"), strict=True):
             axis.plot(COUNTS, result["curves"][kind], style, label=f"{kind} labels")
         axis.axhline(result["whole"], color="grey", linestyle=":", label="whole train")
         axis.set_title(name)

@@ -67,11 +67,18 @@ def test_calibrate_writes_settings_that_dedup_applies(tmp_path, encoders, monkey
         plain = Settings(store=store).dedup.model_copy(
             update={"pair_model": pair.model_copy(update={"calibration": None})}
         )
-        raw = run_dedup(index, plain)
+        raw = run_dedup(index, plain, keep_scored=True)
+    # 45 labels of both kinds: the catalog's own feature weights were fitted and written
+    assert pair.calibration.weights and pair.calibration.regularisation > 0
+    assert set(pair.calibration.weights) == set(pair.calibration.centers)
+    assert summary["weighted_features"] == len(pair.calibration.weights)
+    recomputed = np.zeros(len(raw.table))
+    recomputed[raw.scored.rows] = calibrated(raw.scored, pair.calibration)
     # the engine may list tied candidates in another order: compare pair by pair
-    both = applied.table.frame.merge(raw.table.frame, on=["a", "b"], suffixes=("", "_raw"))
+    frame = raw.table.frame.assign(expected=recomputed)
+    both = applied.table.frame.merge(frame, on=["a", "b"], suffixes=("", "_raw"))
     assert len(both) == len(applied.table)
-    expected = calibrated(both["probability_raw"].to_numpy(), pair.calibration)
+    expected = both["expected"].to_numpy()
     # candidates tied at a product's MODEL_CANDIDATES cut may come in another order, moving
     # neighbourhood features of a few pairs a little: nearly every pair and every decision agree
     close = np.isclose(both["probability"], expected)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -101,11 +101,28 @@ class SearchSettings(BaseModel):
 
 
 class CalibrationSettings(BaseModel):
-    """A catalog's Platt scaling of the pair model, fitted on labelled pairs:
-    `sigmoid(slope * logit(p) + intercept)`."""
+    """A catalog's own decision on top of the pair model, fitted on labelled pairs:
+    `sigmoid(slope * logit(p) + intercept + sum(weights[f] * (x_f - centers[f]) / scales[f]))`
+    over the pair features `x` (matching/features.py; a missing feature counts as its center).
+    Without weights it is Platt scaling."""
 
     slope: float = 1.0
     intercept: float = 0.0
+    weights: dict[str, float] = Field(
+        default_factory=dict,
+        description="The catalog's weight of each pair feature, on the standardised feature "
+        "(empty: Platt scaling alone).",
+    )
+    centers: dict[str, float] = Field(
+        default_factory=dict, description="Each weighted feature's mean over the catalog's pairs."
+    )
+    scales: dict[str, float] = Field(
+        default_factory=dict,
+        description="Each weighted feature's standard deviation over the catalog's pairs.",
+    )
+    regularisation: float = Field(
+        0.0, description="The ridge penalty on the weights, chosen by cross-validation."
+    )
     labels: int = Field(0, description="Labelled pairs it was fitted on.")
     positives: int = Field(0, description="Of which answered 'same'.")
     fitted_at: str = Field("", description="When (UTC, ISO 8601).")
@@ -357,11 +374,15 @@ def settings_file() -> Path:
     return Path(os.environ.get(SETTINGS_FILE_ENV, DEFAULT_SETTINGS_FILE))
 
 
-def update_settings_file(path: Path, changes: Mapping[str, Any]) -> dict[str, Any]:
+def update_settings_file(
+    path: Path, changes: Mapping[str, Any], replace: Sequence[str] = ()
+) -> dict[str, Any]:
     """Merge `changes` (nested tables, e.g. {"dedup": {"pair_model": {...}}}) into the TOML
     settings file at `path`, keeping every other key (comments are not kept); creates the file
-    when missing. Returns the merged document. Raises ConfigError when the file is not TOML or
-    the result is not valid settings (the file is then left as it was)."""
+    when missing. The tables named in `replace` (dotted paths, e.g. "dedup.pair_model.
+    calibration") are replaced whole, not merged. Returns the merged document. Raises
+    ConfigError when the file is not TOML or the result is not valid settings (the file is then
+    left as it was)."""
     from pydantic import ValidationError
 
     from prodsearch.errors import ConfigError
@@ -370,7 +391,7 @@ def update_settings_file(path: Path, changes: Mapping[str, Any]) -> dict[str, An
         document = tomllib.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"cannot read settings file {path}: {exc}") from exc
-    merged = _merged(document, changes)
+    merged = _merged(document, changes, frozenset(replace))
     try:
         Settings.model_validate(merged)
     except ValidationError as exc:
@@ -381,12 +402,18 @@ def update_settings_file(path: Path, changes: Mapping[str, Any]) -> dict[str, An
     return merged
 
 
-def _merged(document: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
+def _merged(
+    document: Mapping[str, Any],
+    changes: Mapping[str, Any],
+    replace: frozenset[str],
+    prefix: str = "",
+) -> dict[str, Any]:
     out = dict(document)
     for key, value in changes.items():
         current = out.get(key)
-        if isinstance(value, Mapping) and isinstance(current, Mapping):
-            out[key] = _merged(current, value)
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping) and isinstance(current, Mapping) and path not in replace:
+            out[key] = _merged(current, value, replace, path + ".")
         else:
             out[key] = value
     return out

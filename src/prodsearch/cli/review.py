@@ -81,16 +81,17 @@ def calibrate(
 ) -> None:
     """Calibrate the pair model to a catalog from labelled pairs (the review page's answers, or
     your own labels.csv) and merge it into the settings file: `dedup.pair_model.calibration`
-    (slope, intercept, labels, positives, fitted_at) and `dedup.pair_model.min_probability`
-    (the operating point). A bad labels file is refused whole, naming its rows; the settings
-    file is only replaced once everything succeeded."""
+    (the Platt slope and intercept, the catalog's weight of each pair feature when there are
+    enough answers of both kinds, labels, positives, fitted_at) and
+    `dedup.pair_model.min_probability` (the operating point). A bad labels file is refused
+    whole, naming its rows; the settings file is only replaced once everything succeeded."""
     from prodsearch.index import Index
     from prodsearch.labels import read_labels
     from prodsearch.matching.dedup import run_dedup
     from prodsearch.review.queue import review_pairs
     from prodsearch.review.report import build_report
-    from prodsearch.review.session import calibration_changes
-    from prodsearch.settings import settings_file, update_settings_file
+    from prodsearch.review.session import write_calibration
+    from prodsearch.settings import settings_file
 
     settings = _settings(store, collection)
     target = write_settings or settings_file()
@@ -98,24 +99,29 @@ def calibrate(
     with Index(settings=settings) as index:
         known = {p.product_id for p in index.scroll(with_vectors=False)}
         answers = read_labels(labels, known)
-        result = run_dedup(index, settings.dedup)
+        result = run_dedup(index, settings.dedup, keep_scored=True)
     pairs = review_pairs(result.table, result.fired_at, pair.min_probability)
     report, fit = build_report(
         result.table,
         pairs,
         answers,
         result.fired_at,
-        pair.calibration,
+        result.scored,
         pair.min_probability,
         settings.formula.min_fused_score,
     )
     if fit is None:
         raise ConfigError(str(report["error"]))
-    update_settings_file(target, calibration_changes(report["calibration"]))
+    write_calibration(target, report["calibration"])
+    fitted = {
+        k: v for k, v in report["calibration"].items() if k not in ("weights", "centers", "scales")
+    }
     summary = {
         "labels_read": len(answers),
         # the calibration's own `labels` counts those among the candidate pairs (it fits on them)
-        **report["calibration"],
+        **fitted,
+        "weighted_features": len(report["calibration"]["weights"]),
+        "taught": report["taught"],
         "was_min_probability": pair.min_probability,
         "predicted": report["predicted"],
         "now": report["now"],
@@ -126,5 +132,5 @@ def calibrate(
         return
     table = Table(title=f"calibrate -> {target}", show_header=False)
     for key, value in summary.items():
-        table.add_row(key, json.dumps(value) if isinstance(value, dict) else str(value))
+        table.add_row(key, json.dumps(value) if isinstance(value, dict | list) else str(value))
     stderr.print(table)

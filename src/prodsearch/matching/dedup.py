@@ -29,7 +29,7 @@ from prodsearch.matching.calibrate import calibrated
 from prodsearch.matching.candidates import RelativeFilters, collect_candidates
 from prodsearch.matching.clusters import table_clusters
 from prodsearch.matching.features import table_features
-from prodsearch.matching.pair_model import MODEL_CANDIDATES, PairModel
+from prodsearch.matching.pair_model import MODEL_CANDIDATES, PairModel, ScoredPairs
 from prodsearch.matching.relative import CatalogStats
 from prodsearch.matching.table import PairTable
 from prodsearch.settings import MODALITIES, DedupSettings, SearchSettings
@@ -52,6 +52,9 @@ class DedupResult:
     #: what decided the matches: "pair model" or "fusion"
     decided_by: str
     seconds: dict[str, float] = field(default_factory=dict)
+    #: the pairs the pair model scored, with their features (kept when asked: calibrating
+    #: reads them)
+    scored: ScoredPairs | None = None
 
     def match_sets(self) -> dict[str, list[str]]:
         """Each product's match set, itself first, best match next."""
@@ -88,13 +91,15 @@ def run_dedup(
     search: SearchSettings | None = None,
     progress: Progress | None = None,
     checkpoint: Path | None = None,
+    keep_scored: bool = False,
 ) -> DedupResult:
     """Match every product of the index's collection against it and cluster the result.
 
     `knobs` default to the index's settings, `search` (fusion, thresholds, formula: the
     candidates' floors and weights) to its search settings. The pair model decides any
     collection, whatever vectors it has (a missing modality is a missing feature).
-    `checkpoint` makes the candidate pass resumable after a kill.
+    `checkpoint` makes the candidate pass resumable after a kill. `keep_scored`: keep the pair
+    model's scored pairs and their features in the result (`calibrate` fits on them).
     """
     knobs = knobs or index.settings.dedup
     filters = filters or RelativeFilters()
@@ -114,9 +119,10 @@ def run_dedup(
             progress=_step(progress, "candidates", len(products)),
             checkpoint=checkpoint,
         )
+    scored = None
     if model is not None:
         with _timed(seconds, "pair model"):
-            decide_by_pair_model(table, products, model, knobs)
+            scored = decide_by_pair_model(table, products, model, knobs)
         fired_at = {m: search.formula.floors.get(m) for m in MODALITIES}
     else:
         table, search = _decide_by_fusion(index, table, products, knobs, search, filters, seconds)
@@ -124,7 +130,9 @@ def run_dedup(
     with _timed(seconds, "clusters"):
         clusters = table_clusters(table, knobs.max_cluster_size)
     decided_by = "pair model" if model is not None else "fusion"
-    return DedupResult(table, clusters, fired_at, decided_by, seconds)
+    return DedupResult(
+        table, clusters, fired_at, decided_by, seconds, scored if keep_scored else None
+    )
 
 
 def decide_by_pair_model(
@@ -134,23 +142,27 @@ def decide_by_pair_model(
     knobs: DedupSettings,
     eligible: np.ndarray | None = None,
     stats: CatalogStats | None = None,
-) -> None:
+) -> ScoredPairs:
     """The pair model's probabilities of each product's `MODEL_CANDIDATES` best candidates (the
     others get 0), calibrated to the catalog when it has a calibration; its decision and min-2 on
     the probabilities. Pairs not `eligible` (default: all are) are scored, and count in their
     neighbours' graph features, but never match. `stats`: the whole catalog's (default: of
-    `products`, when they are the whole catalog)."""
+    `products`, when they are the whole catalog). Returns the scored pairs (the model's own
+    probabilities and the features)."""
     pair = knobs.pair_model
     top, rows = table.top(MODEL_CANDIDATES)
+    features = table_features(top, products, stats)
+    scored = ScoredPairs(top, rows, model.probabilities(top, features), features)
     probability = np.zeros(len(table))
-    probability[rows] = model.probabilities(top, table_features(top, products, stats))
-    if pair.calibration is not None:
-        probability = calibrated(probability, pair.calibration)
+    probability[rows] = (
+        scored.probability if pair.calibration is None else calibrated(scored, pair.calibration)
+    )
     if eligible is not None:
         probability = np.where(eligible, probability, 0.0)
     decide.record(table, probability >= pair.min_probability, "pair model", probability)
     if knobs.min2:
         decide.record_min2(table, probability, pair.min2_min_probability)
+    return scored
 
 
 def _decide_by_fusion(

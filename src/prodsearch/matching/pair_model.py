@@ -47,6 +47,18 @@ LGBM_PARAMS = {
 LGBM_ROUNDS = 150
 
 
+@dataclass(frozen=True)
+class ScoredPairs:
+    """The candidate pairs the pair model scored (each product's MODEL_CANDIDATES best): their
+    table, their rows in the whole table, the model's own probabilities (before a catalog's
+    calibration) and their pair features (`feature_names()` columns)."""
+
+    table: PairTable
+    rows: np.ndarray
+    probability: np.ndarray
+    features: np.ndarray
+
+
 @dataclass
 class TrainingSet:
     """One labelled catalog's candidate pairs for fitting: its table and features, each pair's

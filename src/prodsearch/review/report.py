@@ -26,13 +26,13 @@ from prodsearch.labels import PairLabel
 from prodsearch.matching.calibrate import (
     CURVE_GRID,
     Calibration,
-    calibrate_decided,
     expected_curve,
-    model_probabilities,
+    fit_calibration,
 )
+from prodsearch.matching.pair_model import ScoredPairs
 from prodsearch.matching.table import PairTable, score_column
 from prodsearch.review.queue import ReviewPairs
-from prodsearch.settings import MODALITIES, CalibrationSettings
+from prodsearch.settings import MODALITIES
 
 #: answers left out to see whether the operating point still moves
 HOLD_BACK = 5
@@ -114,13 +114,14 @@ def build_report(
     pairs: ReviewPairs,
     labels: Sequence[PairLabel],
     fired_at: Mapping[str, float],
-    current: CalibrationSettings | None,
+    scored: ScoredPairs | None,
     min_probability: float,
     fused_threshold: float | None,
 ) -> tuple[dict[str, Any], Calibration | None]:
     """The report of a calibration from `labels` over the decided `table` (`pairs`, its pairs
-    once each) and the fitted calibration (None, with the reason in `error`, when it cannot be
-    fitted: the fusion decided, the answers are all one way, no answer is a candidate pair)."""
+    once each; `scored`, the pairs the pair model scored, None where the fusion decided) and the
+    fitted calibration (None, with the reason in `error`, when it cannot be fitted: the fusion
+    decided, the answers are all one way, no answer is a candidate pair)."""
     rows = answered(pairs, labels)
     report: dict[str, Any] = {
         "answers": len(labels),
@@ -132,18 +133,24 @@ def build_report(
         "error": None,
     }
     try:
-        fit = calibrate_decided(table, labels, current)
+        if scored is None:
+            raise ConfigError(
+                "the pair model did not decide this catalog (the fusion did), so there are no "
+                "probabilities to calibrate"
+            )
+        fit = fit_calibration(scored, labels)
     except ConfigError as exc:
         report["error"] = str(exc)
         report["fused"] = _fused_score_curve(rows, fused_threshold) if len(rows) else None
         return report, None
-    probability = fit.apply(model_probabilities(PairTable(pairs.ids, pairs.frame), current))
+    probability = pair_probabilities(table, scored, fit.apply(scored), pairs)
     rows_probability = probability[rows.index.to_numpy()]
     curve = pr_curve(rows_probability, rows["same"].to_numpy(dtype=bool), CURVE_GRID)
     expected = {k: [float(v) for v in values] for k, values in expected_curve(probability).items()}
     operating = fit.min_probability
     report.update(
-        calibration={**fit.settings().model_dump(), "min_probability": operating},
+        calibration={**fit.settings.model_dump(), "min_probability": operating},
+        taught=_taught(fit),
         fused={
             "name": "fused (calibrated probability)",
             "unit": "probability",
@@ -156,9 +163,35 @@ def build_report(
             **_prediction(probability >= operating, pairs),
             **{f"expected_{k}": v for k, v in _at(expected, operating).items()},
         },
-        settled=_settled(table, labels, current, operating),
+        settled=_settled(scored, labels, operating),
     )
     return report, fit
+
+
+def pair_probabilities(
+    table: PairTable, scored: ScoredPairs, probability: np.ndarray, pairs: ReviewPairs
+) -> np.ndarray:
+    """The probability of each of `pairs` (once each) from the scored rows' `probability`
+    (either direction; 0 for a pair the model did not score)."""
+    frame = table.frame.iloc[scored.rows]
+    low = np.minimum(frame["a"].to_numpy(), frame["b"].to_numpy())
+    high = np.maximum(frame["a"].to_numpy(), frame["b"].to_numpy())
+    best = (
+        pd.DataFrame({"a": low, "b": high, "p": probability}).groupby(["a", "b"])["p"].max()
+    )
+    keys = pd.MultiIndex.from_arrays([pairs.frame["a"], pairs.frame["b"]])
+    return best.reindex(keys).fillna(0.0).to_numpy(dtype=np.float64)
+
+
+#: how many of the features the answers weigh most the report lists
+TAUGHT = 8
+
+
+def _taught(fit: Calibration) -> list[dict[str, float | str]]:
+    """What the answers taught beyond the pair model: the features they weigh most (weight on
+    the standardised feature; positive = more likely the same product)."""
+    weights = sorted(fit.settings.weights.items(), key=lambda item: -abs(item[1]))
+    return [{"feature": name, "weight": round(w, 3)} for name, w in weights[:TAUGHT]]
 
 
 def _fused_score_curve(rows: pd.DataFrame, threshold: float | None) -> dict[str, Any]:
@@ -183,17 +216,14 @@ def _prediction(matched: np.ndarray, pairs: ReviewPairs) -> dict[str, int]:
 
 
 def _settled(
-    table: PairTable,
-    labels: Sequence[PairLabel],
-    current: CalibrationSettings | None,
-    operating: float,
+    scored: ScoredPairs, labels: Sequence[PairLabel], operating: float
 ) -> dict[str, Any] | None:
     """How far the operating point moves when the last HOLD_BACK answers are left out (None
     with too few answers to tell)."""
     if len(labels) < 2 * HOLD_BACK:
         return None
     try:
-        earlier = calibrate_decided(table, labels[:-HOLD_BACK], current).min_probability
+        earlier = fit_calibration(scored, labels[:-HOLD_BACK]).min_probability
     except ConfigError:
         return None
     shift = abs(operating - earlier)

@@ -26,12 +26,14 @@ from prodsearch.state import state_file
 Progress = Callable[[str, int, int], None]
 
 
-def calibration_changes(calibration: dict[str, Any]) -> dict[str, Any]:
-    """The settings-file tables a calibration writes: `dedup.pair_model.calibration` (slope,
-    intercept, labels, positives, fitted_at) and `dedup.pair_model.min_probability`."""
+def write_calibration(path: Path, calibration: dict[str, Any]) -> None:
+    """Write a calibration (a report's `calibration`) to the settings file: the table
+    `dedup.pair_model.calibration` replaced whole (slope, intercept, weights, labels, positives,
+    fitted_at) and `dedup.pair_model.min_probability` set to its operating point."""
     values = dict(calibration)
     operating = values.pop("min_probability")
-    return {"dedup": {"pair_model": {"calibration": values, "min_probability": operating}}}
+    changes = {"dedup": {"pair_model": {"calibration": values, "min_probability": operating}}}
+    update_settings_file(path, changes, replace=["dedup.pair_model.calibration"])
 
 
 class ReviewSession:
@@ -60,7 +62,9 @@ class ReviewSession:
         """Run dedup with the knobs in force and rebuild the review's pair list."""
         with self._lock:
             self.payloads = {p.product_id: p.payload for p in self.index.scroll(with_vectors=False)}
-            self.result = run_dedup(self.index, self.knobs, progress=self._progress)
+            self.result = run_dedup(
+                self.index, self.knobs, progress=self._progress, keep_scored=True
+            )
             self.pairs = review_pairs(
                 self.result.table, self.result.fired_at, self.knobs.pair_model.min_probability
             )
@@ -257,20 +261,18 @@ class ReviewSession:
                 pairs,
                 self.answers.labels(),
                 result.fired_at,
-                pair.calibration,
+                result.scored,
                 pair.min_probability,
                 self.index.settings.formula.min_fused_score,
             )
             report["written_to"] = None
             if fit is not None:
-                changes = {"calibration": fit.settings(), "min_probability": fit.min_probability}
+                changes = {"calibration": fit.settings, "min_probability": fit.min_probability}
                 self.knobs = self.knobs.model_copy(
                     update={"pair_model": pair.model_copy(update=changes)}
                 )
                 if self.write_settings is not None:
-                    update_settings_file(
-                        self.write_settings, calibration_changes(report["calibration"])
-                    )
+                    write_calibration(self.write_settings, report["calibration"])
                     report["written_to"] = str(self.write_settings)
                 self.refresh()
             self.answers.save_report(report)
