@@ -161,6 +161,8 @@ def test_calibrate_reports_and_applies_the_operating_point(
         assert report["error"] is None and report["answers"] == answered
         calibration = report["calibration"]
         assert calibration["labels"] == answered and 0 < calibration["min_probability"] < 1
+        weighted = answered >= report["weights_need"]["answers"]
+        assert bool(calibration["weights"]) <= weighted and len(report["taught"]) <= 8
         assert {s["name"] for s in report["signals"]} == {"text", "chars", "phash"}
         predicted = report["predicted"]
         assert predicted["matched_pairs"] > 0 and 0 < predicted["expected_precision"] <= 1

@@ -106,6 +106,8 @@ def test_label_by_keyboard_reload_and_calibrate(browser, review_url, tmp_path) -
     sync_api.expect(page.locator("#operating-point")).to_contain_text(
         "Operating point", timeout=60_000
     )
+    # three answers teach no feature weights yet, and the page says what they would need
+    sync_api.expect(page.locator("#taught")).to_contain_text("No feature weights yet")
     chart = page.locator("#chart")
     sync_api.expect(chart).to_be_visible()
     page.wait_for_function(

@@ -25,6 +25,8 @@ from prodsearch.errors import ConfigError
 from prodsearch.labels import PairLabel
 from prodsearch.matching.calibrate import (
     CURVE_GRID,
+    MIN_ANSWERS,
+    MIN_EACH,
     Calibration,
     expected_curve,
     fit_calibration,
@@ -151,6 +153,7 @@ def build_report(
     report.update(
         calibration={**fit.settings.model_dump(), "min_probability": operating},
         taught=_taught(fit),
+        weights_need={"answers": MIN_ANSWERS, "each": MIN_EACH},
         fused={
             "name": "fused (calibrated probability)",
             "unit": "probability",

@@ -323,6 +323,13 @@ function showReport(report) {
         `${fmt(p.expected_recall)}, F1 ${fmt(p.expected_f1)}.`),
       el("div", {}, report.written_to ? `Written to ${report.written_to}: dedup, match and the ` +
         "API use it from now on." : "Applied to this review (no settings file given).")));
+    lines.push(el("p", { id: "taught" }, report.taught && report.taught.length
+      ? "What your answers taught beyond the model (weight; + means more likely the same): " +
+        report.taught.map((t) => `${t.feature} ${t.weight > 0 ? "+" : ""}${fmt(t.weight, 2)}`)
+          .join(", ") + "."
+      : `No feature weights yet (they need ${report.weights_need.answers} answered candidate ` +
+        `pairs, ${report.weights_need.each} of each kind, and must help on held-out answers): ` +
+        "the model's probabilities are rescaled only."));
   }
   const rows = [...report.signals, ...(report.fused ? [report.fused] : [])].map((s) =>
     el("tr", {}, el("td", {}, s.name), el("td", {}, fmt(s.in_force)),
