@@ -31,14 +31,6 @@ ray = pytest.importorskip(
 GENERIC = load_recipe("generic")
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    """A local Ray on 2 CPUs for the module (a start costs seconds)."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 def defective_catalog(rows: int = 60) -> pd.DataFrame:
     """The generated catalog with a bad row of each kind the row rules reject."""
     frame = labelled_catalog(rows)

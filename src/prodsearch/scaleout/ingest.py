@@ -36,9 +36,10 @@ LOG_SECONDS = 1.0
 
 
 class EncodeActor:
-    """A Ray actor: the encoders (loaded once) and, for a server, its own connection."""
+    """A Ray actor: the encoders (loaded once) and, given a server's `store` URL, its own
+    connection to it (None: the driver writes)."""
 
-    def __init__(self, settings: dict[str, Any], collection: str, writes: bool) -> None:
+    def __init__(self, settings: dict[str, Any], collection: str, store: str | None) -> None:
         from prodsearch.encoders import EncoderSet, InferenceOptions
 
         self.settings = Settings.model_validate(settings)
@@ -47,9 +48,7 @@ class EncodeActor:
             self.settings.text_max_tokens,
             InferenceOptions.from_settings(self.settings),
         )
-        self.index = (
-            Index(self.settings.store, collection, self.settings, self.encoders) if writes else None
-        )
+        self.index = Index(store, collection, self.settings, self.encoders) if store else None
 
     def encode(
         self, rows: list[CatalogRow], stored: Mapping[str, str | None] | None
@@ -100,12 +99,13 @@ def ray_ingest(
     batch_size = batch_size or settings.batch_size
     catalog = read_dataset(source, choices, recipe)
     validator = catalog.validator(images_dir)
-    writes = is_server(settings.store)
+    writes = is_server(index.store.location)
     actor_settings = settings.model_copy(
         update={"onnx_threads": settings.onnx_threads or _threads_per_actor(ray, workers)}
     ).model_dump(mode="json")
     actor_class = ray.remote(num_cpus=ACTOR_CPUS)(EncodeActor)
-    actors = [actor_class.remote(actor_settings, index.collection, writes) for _ in range(workers)]
+    store = index.store.location if writes else None
+    actors = [actor_class.remote(actor_settings, index.collection, store) for _ in range(workers)]
     report = IngestReport()
     pending: deque[Any] = deque()
     logged = [started]
