@@ -6,11 +6,12 @@ model's features and decision per partition, clusters on the driver.
         embedded engine, its own read-only snapshot copy of the collection (one opener per copy)
     ──► the candidate-pair table, written as Parquet partitions (one per block)
     ──► the driver reads the partitions into the `PairTable` (positions, ranks, gaps) and cuts
-        the products into partitions; for each, a Ray task runs `dedup.decide_by_pair_model` on
-        the partition's halo (the products within HALO_DEPTH hops over the candidate graph: every
-        graph feature of a partition's pairs reads only these), its pairs eligible, the halo's
-        others scored but never decided, with the whole catalog's statistics and score
-        quantiles
+        the products into partitions (as many as the workers, fewer when their halos overlap so
+        much that they would repeat the work: `HALO_BUDGET`); for each, a Ray task runs
+        `dedup.decide_by_pair_model` on the partition's halo (the products within HALO_DEPTH
+        hops over the candidate graph: every graph feature of a partition's pairs reads only
+        these), its pairs eligible, the halo's others scored but never decided, with the whole
+        catalog's statistics and score quantiles
     ──► the driver: the decided table, min-2 (per product, inside the decision), clusters
         (`clusters.table_clusters`), the same outputs as `dedup`
 
@@ -51,6 +52,8 @@ from prodsearch.settings import MODALITIES, DedupSettings, SearchSettings, Setti
 QUERY_BLOCK = 1024
 #: hops over the candidate graph a partition's halo reaches (3: the features are exact)
 HALO_DEPTH = 3
+#: the most work the partitions may repeat: their halos' summed size over the catalog's
+HALO_BUDGET = 1.5
 
 
 class QueryActor:
@@ -104,10 +107,12 @@ def ray_dedup(
     filters: RelativeFilters | None = None,
     *,
     workers: int = 2,
+    halo_budget: float = HALO_BUDGET,
 ) -> DedupResult:
     """`run_dedup` with the pair model, its candidate queries and its decision on the connected
-    Ray cluster (`start_ray`): `workers` query actors and as many decision partitions. The pair
-    table's Parquet partitions go to `out_dir`/pairs. Raises ConfigError for the fusion
+    Ray cluster (`start_ray`): `workers` query actors and as many decision partitions as keep
+    the work they repeat (their halos' summed size) within `halo_budget` times the catalog. The
+    pair table's Parquet partitions go to `out_dir`/pairs. Raises ConfigError for the fusion
     decider (`dedup --ray` decides with the pair model)."""
     import ray
 
@@ -126,7 +131,7 @@ def ray_dedup(
     table = _candidates(ray, index, ids, search, filters, out_dir / "pairs", workers)
     seconds["candidates"] = time.perf_counter() - started
     started = time.perf_counter()
-    _decide(ray, table, products, knobs, workers)
+    _decide(ray, table, products, knobs, workers, halo_budget)
     seconds["pair model"] = time.perf_counter() - started
     started = time.perf_counter()
     from prodsearch.matching.clusters import table_clusters
@@ -203,7 +208,12 @@ def _query_stores(index: Index, workers: int) -> Iterator[list[str]]:
 
 
 def _decide(
-    ray: Any, table: PairTable, products: Sequence[Product], knobs: DedupSettings, parts: int
+    ray: Any,
+    table: PairTable,
+    products: Sequence[Product],
+    knobs: DedupSettings,
+    parts: int,
+    halo_budget: float,
 ) -> None:
     """The pair model's decision of every pair, partition by partition on Ray, written into
     `table` (`probability`, `match`, `rule`); `products` in `table.ids` order."""
@@ -220,8 +230,7 @@ def _decide(
     stats_ref, knobs_ref = ray.put(stats), ray.put(knobs)
     task = ray.remote(num_cpus=ACTOR_CPUS)(_decide_partition)
     futures = []
-    for part in np.array_split(np.arange(n), parts):
-        halo = _halo(graph, part, HALO_DEPTH)
+    for part, halo in _partitions(graph, parts, halo_budget):
         rows = np.flatnonzero(np.isin(table.a, halo))
         named = np.union1d(halo, table.b[rows])
         local = np.full(n, -1)
@@ -244,6 +253,22 @@ def _decide(
     table.frame["probability"] = probability
     table.frame["match"] = matched
     table.frame["rule"] = rule
+
+
+def _partitions(
+    graph: sp.csr_matrix, parts: int, budget: float
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The products cut into at most `parts` runs, each with its halo: as many as keep the
+    halos' summed size within `budget` times the catalog (on a catalog whose candidate graph
+    is small-world, a partition's 3-hop halo is most of the catalog, and more partitions would
+    repeat the whole computation in each)."""
+    n = graph.shape[0]
+    while True:
+        cut = np.array_split(np.arange(n), parts)
+        halos = [_halo(graph, part, HALO_DEPTH) for part in cut]
+        if parts == 1 or sum(len(h) for h in halos) <= budget * n:
+            return list(zip(cut, halos, strict=True))
+        parts -= 1
 
 
 def _halo(graph: sp.csr_matrix, part: np.ndarray, depth: int) -> np.ndarray:
