@@ -46,6 +46,9 @@ def test_ray_dedup_equals_local_dedup(request, tmp_path, local_ray, catalog, fil
     assert on_ray.match_sets() == local.match_sets()
     assert on_ray.clusters == local.clusters
     assert on_ray.rescued() == local.rescued()
+    # the default: one partition when halos would overlap this much, decided on the driver
+    whole = ray_dedup(index, tmp_path / "whole", filters=filters, workers=2)
+    assert whole.match_sets() == local.match_sets() and whole.clusters == local.clusters
     partitions = list((tmp_path / "ray" / "pairs").glob("*.parquet"))
     assert partitions, "the pair table is written as Parquet partitions"
     assert sum(len(pd.read_parquet(p)) for p in partitions) >= len(local.table)

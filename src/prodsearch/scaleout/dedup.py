@@ -216,21 +216,26 @@ def _decide(
     halo_budget: float,
 ) -> None:
     """The pair model's decision of every pair, partition by partition on Ray, written into
-    `table` (`probability`, `match`, `rule`); `products` in `table.ids` order."""
+    `table` (`probability`, `match`, `rule`); `products` in `table.ids` order. One partition is
+    the whole table: decided here, as `dedup` decides it, with no copy to a worker."""
+    n = len(table.ids)
+    top, _ = table.top(MODEL_CANDIDATES)
+    graph = sp.csr_matrix((np.ones(len(top)), (top.a, top.b)), shape=(n, n))
+    partitions = _partitions(graph, parts, halo_budget)
+    if len(partitions) == 1:
+        _decide_partition(table, list(products), np.ones(len(table), dtype=bool), knobs, None)
+        return
     titles = product_titles(products)
     stats = CatalogStats.of(titles)
-    top, _ = table.top(MODEL_CANDIDATES)
     quantiles = {}
     for signal in SIGNALS:
         known = signal_scores(top, signal)
         quantiles[signal] = np.sort(known[~np.isnan(known)])
     stats = CatalogStats(stats.titles, stats.document_frequency, quantiles)
-    n = len(table.ids)
-    graph = sp.csr_matrix((np.ones(len(top)), (top.a, top.b)), shape=(n, n))
     stats_ref, knobs_ref = ray.put(stats), ray.put(knobs)
     task = ray.remote(num_cpus=ACTOR_CPUS)(_decide_partition)
     futures = []
-    for part, halo in _partitions(graph, parts, halo_budget):
+    for part, halo in partitions:
         rows = np.flatnonzero(np.isin(table.a, halo))
         named = np.union1d(halo, table.b[rows])
         local = np.full(n, -1)
@@ -290,9 +295,10 @@ def _decide_partition(
     products: list[Product],
     eligible: np.ndarray,
     knobs: DedupSettings,
-    stats: CatalogStats,
+    stats: CatalogStats | None,
 ) -> dict[str, np.ndarray]:
-    """A Ray task: `decide_by_pair_model` on one partition's halo table."""
+    """A Ray task: `decide_by_pair_model` on one partition's halo table (`stats`: the whole
+    catalog's; None: the table is the whole catalog)."""
     from prodsearch.matching.dedup import decide_by_pair_model
     from prodsearch.matching.pair_model import PairModel
 
