@@ -178,10 +178,19 @@ def ingest(
         "store": settings.store,
         "products_in_collection": total,
     }
+    document = {**summary, "columns": mapped.as_dict()}
+    _ingest_outcome(result, summary, document, f"ingest {path.name}", as_json)
+
+
+def _ingest_outcome(
+    result: Any, summary: dict[str, Any], document: dict[str, Any], title: str, as_json: bool
+) -> None:
+    """Print an ingest's `summary` (as JSON: `document`), its first rejected rows; exit code 1
+    when no product could be ingested."""
     if as_json:
-        _print_json({**summary, "columns": mapped.as_dict()})
+        _print_json(document)
     else:
-        title = f"ingest {path.name} -> {settings.collection}"
+        title = f"{title} -> {summary['collection']}"
         _print_summary(title, summary, result.rejections, f"in {result.report_path}")
     if result.upserted + result.unchanged == 0:
         stderr.print("[red]error:[/red] no product could be ingested")
@@ -234,14 +243,7 @@ def _ray_ingest(
         "store": settings.store,
         "products_in_collection": total,
     }
-    if as_json:
-        _print_json(summary)
-    else:
-        title = f"ingest --ray {name} -> {settings.collection}"
-        _print_summary(title, summary, result.rejections, f"in {result.report_path}")
-    if result.upserted + result.unchanged == 0:
-        stderr.print("[red]error:[/red] no product could be ingested")
-        raise typer.Exit(1)
+    _ingest_outcome(result, summary, summary, f"ingest --ray {name}", as_json)
 
 
 def _assigning_ingest(index: Any, rows: Catalog, report_path: Path) -> tuple[Any, dict]:
