@@ -1,7 +1,7 @@
 """Ingest benchmark: sequential vs pipelined ingest (reader thread), per backend, one run.
 
     .venv/bin/python benchmarks/bench_ingest.py [--data ../shared/data] [--rows 5000] [--no-torch]
-        [--no-photos] [--all]
+        [--no-photos] [--all] [--pipelined-only]
 
 Prints a markdown table on stdout (progress on stderr): products/s end to end (read, decode,
 encode, upsert into a fresh Qdrant Edge store, HNSW build) for a slice of the Shopee `test`
@@ -53,13 +53,18 @@ def text_encoder_rate(encoders: EncoderSet, catalog: Catalog, batch: int) -> flo
 
 
 def bench(
-    label: str, backend: str, encoders: EncoderSet, catalog: Catalog, workdir: Path
+    label: str,
+    backend: str,
+    encoders: EncoderSet,
+    catalog: Catalog,
+    workdir: Path,
+    modes: tuple[bool, ...] = (False, True),
 ) -> list[str]:
     """Ingest `catalog` sequentially and pipelined into fresh stores; one table row each, beside
     the text encoder's own throughput measured just before and just after that ingest (on a
     shared machine the load moves: the ratio is to their mean)."""
     rows = []
-    for pipelined in (False, True):
+    for pipelined in modes:
         before = text_encoder_rate(encoders, catalog, Settings().batch_size)
         store = workdir / f"{label}-{backend}-{pipelined}".replace(" ", "_")
         with Index(str(store), "products", Settings(), encoders) as index:
@@ -101,6 +106,7 @@ def main() -> None:
     parser.add_argument("--no-torch", action="store_true", help="ONNX Runtime only")
     parser.add_argument("--no-photos", action="store_true", help="Shopee titles only")
     parser.add_argument("--all", action="store_true", help="all 34,250 Shopee rows, not test")
+    parser.add_argument("--pipelined-only", action="store_true", help="skip the sequential ingest")
     args = parser.parse_args()
     log = Console(stderr=True)
     workdir = Path(tempfile.mkdtemp(prefix="prodsearch-bench-ingest-"))
@@ -130,7 +136,8 @@ def main() -> None:
         warm(encoders)
         for label, catalog in catalogs.items():
             log.print(f"ingest: {label}, {backend}")
-            rows += bench(label, backend, encoders, catalog, workdir)
+            modes = (True,) if args.pipelined_only else (False, True)
+            rows += bench(label, backend, encoders, catalog, workdir, modes)
 
     print(
         f"## Ingest, sequential vs pipelined (end to end into Qdrant Edge; {cpu_model()}; load "
