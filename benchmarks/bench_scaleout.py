@@ -49,6 +49,8 @@ BUILD_EXPONENT = math.log(611 / 77) / math.log(1_000_000 / 200_000)
 #: more cores and RAM, or several shards)
 POINTS_PER_SHARD = 2_000_000
 REPLICAS = 2
+#: Qdrant nodes (deploy/cluster/): shards come in multiples of them
+NODES = 3
 
 
 def machine() -> str:
@@ -301,65 +303,96 @@ def report(
     capacity(ingest_steps, upsert, dedup_steps)
 
 
+@dataclass(frozen=True)
+class Rates:
+    """The capacity model's inputs, measured in one run (`--project` takes them back)."""
+
+    #: products/s one worker encodes and upserts
+    encode: float
+    #: points/s one shard takes
+    upsert: float
+    #: candidate queries/s one worker runs against its shard copy
+    query: float
+    #: candidate pairs per product
+    pairs: float
+    #: pairs/s of the pair model's features and decision, one worker
+    decide: float
+    #: pairs/s of the driver's clusters
+    clusters: float
+
+    def as_option(self) -> str:
+        return ",".join(f"{k}={v:.1f}" for k, v in self.__dict__.items())
+
+    @classmethod
+    def from_option(cls, text: str) -> Rates:
+        return cls(**{k: float(v) for k, v in (item.split("=") for item in text.split(","))})
+
+
 def capacity(ingest_steps: list[Step], upsert: Step, dedup_steps: list[Step]) -> None:
     """The capacity model: measured per-worker rates, and hours projected from them."""
     # A worker is one core's actor (one ONNX Runtime thread): the 2-worker runs, 2 actors on
     # this machine's 2 cores, halved. Their time includes Ray's start (actors, encoders, the
     # read), so at scale, where it is paid once, the rates are lower bounds.
     two_ingest, two_dedup = ingest_steps[2], dedup_steps[2].detail["result"]
-    encode_rate = two_ingest.rate / 2
-    upsert_per_shard = upsert.rate
     local = dedup_steps[0].detail["result"]
     n = len(local.table.ids)
-    query_rate = n / two_dedup.seconds["candidates"] / 2
-    engine_query_rate = n / local.seconds["candidates"]
-    pairs_per_product = len(local.table) / n
-    decide_rate = len(local.table) / dedup_steps[1].detail["result"].seconds["pair model"]
-    cluster_rate = len(local.table) / max(local.seconds["clusters"], 1e-3)
+    rates = Rates(
+        encode=two_ingest.rate / 2,
+        upsert=upsert.rate,
+        query=n / two_dedup.seconds["candidates"] / 2,
+        pairs=len(local.table) / n,
+        decide=len(local.table) / dedup_steps[1].detail["result"].seconds["pair model"],
+        clusters=len(local.table) / max(local.seconds["clusters"], 1e-3),
+    )
     print("### Per-worker rates measured in this run (the model's only inputs besides the build)\n")
     body = [
         [
             "encode + upsert (ingest --ray, 2 workers, per worker)",
-            f"{encode_rate:,.0f} products/s",
+            f"{rates.encode:,.0f} products/s",
         ],
-        ["upsert into one embedded shard (batches of 256)", f"{upsert_per_shard:,.0f} points/s"],
+        ["upsert into one embedded shard (batches of 256)", f"{rates.upsert:,.0f} points/s"],
         [
             "candidate queries (dedup --ray, 2 workers, per worker)",
-            f"{query_rate:,.0f} products/s",
+            f"{rates.query:,.0f} products/s",
         ],
         [
             "candidate queries, local dedup (engine in process)",
-            f"{engine_query_rate:,.0f} products/s",
+            f"{n / local.seconds['candidates']:,.0f} products/s",
         ],
-        ["pairs per product in the candidate table", f"{pairs_per_product:,.1f}"],
-        [
-            "pair model (features + decision, dedup --ray, 1 worker)",
-            f"{decide_rate:,.0f} pairs/s",
-        ],
-        ["clusters on the driver", f"{cluster_rate:,.0f} pairs/s"],
+        ["pairs per product in the candidate table", f"{rates.pairs:,.1f}"],
+        ["pair model (features + decision, dedup --ray, 1 worker)", f"{rates.decide:,.0f} pairs/s"],
+        ["clusters on the driver", f"{rates.clusters:,.0f} pairs/s"],
         [
             "HNSW build of one shard (QDRANT.md, measured here earlier)",
             f"{BUILD_1M_SECONDS:.0f} s at 1M, exponent {BUILD_EXPONENT:.2f}",
         ],
     ]
     print(table(["rate", "value"], body) + "\n")
+    print(f"(re-print the projection: `bench_scaleout.py --project {rates.as_option()}`)\n")
+    project(rates)
+
+
+def project(rates: Rates) -> None:
+    """Print the projected hours for PRODUCTS x WORKERS from `rates`."""
     print(
-        "### Projected hours (shards = ceil(N / 2M), replicas 2; engine cores = workers)\n\n"
+        f"### Projected hours (shards = ceil(N / {POINTS_PER_SHARD:,}) rounded up to a multiple "
+        f"of {NODES} nodes, {REPLICAS} replicas; engine cores = workers)\n\n"
         "ingest = max(N / (workers x encode), N / (shards x upsert)) + one shard's HNSW build "
         "(shards build in parallel); dedup = N x shards / (workers x queries) (every query fans "
-        "out to every shard; a replica serves reads, so the engine's cores must equal the "
-        "workers') + N x pairs/product / (workers x pair model) + the driver's clusters.\n"
+        "out to every shard) + N x pairs/product / (workers x pair model) (partitions whose "
+        "halos stay small; a small-world candidate graph gets one partition: the last column) + "
+        "the driver's clusters.\n"
     )
     body = []
     for products in PRODUCTS:
-        shards = max(3, math.ceil(products / POINTS_PER_SHARD))
+        shards = NODES * math.ceil(products / POINTS_PER_SHARD / NODES)
         build = BUILD_1M_SECONDS * (products / shards / 1_000_000) ** BUILD_EXPONENT
-        pairs = products * pairs_per_product
+        pairs = products * rates.pairs
         for workers in WORKERS:
-            ingest = max(products / (workers * encode_rate), products / (shards * upsert_per_shard))
-            queries = products * shards / (workers * query_rate)
-            decide = pairs / (workers * decide_rate)
-            clusters = pairs / cluster_rate
+            ingest = max(products / (workers * rates.encode), products / (shards * rates.upsert))
+            queries = products * shards / (workers * rates.query)
+            decide = pairs / (workers * rates.decide)
+            clusters = pairs / rates.clusters
             body.append(
                 [
                     f"{products:,}",
@@ -368,7 +401,8 @@ def capacity(ingest_steps: list[Step], upsert: Step, dedup_steps: list[Step]) ->
                     str(workers),
                     f"{(ingest + build) / 3600:.1f}",
                     f"{(queries + decide + clusters) / 3600:.1f}",
-                    f"{queries / 3600:.1f} / {decide / 3600:.1f} / {clusters / 3600:.1f}",
+                    f"{queries / 3600:.1f} / {decide / 3600:.2f} / {clusters / 3600:.2f}",
+                    f"{pairs / rates.decide / 3600:.1f}",
                 ]
             )
     header = [
@@ -379,6 +413,7 @@ def capacity(ingest_steps: list[Step], upsert: Step, dedup_steps: list[Step]) ->
         "ingest h",
         "dedup h",
         "dedup: queries / pair model / clusters h",
+        "pair model on one node h",
     ]
     print(table(header, body))
 
@@ -388,7 +423,14 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--rows", type=int, default=None, help="only the first N rows")
     parser.add_argument("--all", action="store_true", help="all 34,250 rows of train.csv")
-    run_all(parser.parse_args())
+    parser.add_argument(
+        "--project", help="only print the projection from rates a run printed (encode=...,...)"
+    )
+    args = parser.parse_args()
+    if args.project:
+        project(Rates.from_option(args.project))
+        return
+    run_all(args)
 
 
 if __name__ == "__main__":
