@@ -19,8 +19,8 @@ Exactness: stage 1 of a pair (x, y) reads the rows of x, y and their candidates 
 per-product aggregates, mutual neighbours for blending); stage 2 of (a, b) reads stage 1 of
 every row of a, b and their candidates; so rows within 3 hops of a partition make its pairs'
 features those of the whole table (`HALO_DEPTH`). The driver holds the pair table (about 100
-bytes a pair: 1.7M pairs for Shopee's 34k products is 170 MB; 100M pairs, 10 GB, is about what
-one driver holds).
+bytes a pair: Shopee's 34k products have ~1M pairs, 100 MB), and a partition's task (the driver,
+for a single partition) the features of its scored pairs (~1 KB each while deciding).
 """
 
 from __future__ import annotations
