@@ -64,6 +64,18 @@ def reconfigured(index: Index, **changes: object) -> Index:
 
 
 @pytest.fixture(scope="session")
+def local_ray():
+    """A local Ray on 2 CPUs, started once for the session (a start costs seconds); skipped
+    where Ray is not installed."""
+    ray = pytest.importorskip(
+        "ray", reason="Ray is not installed: pip install 'prodsearch[ray]' (scripts/setup.sh does)"
+    )
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
 def encoders() -> EncoderSet:
     """The shipped encoders, loaded once for the whole session."""
     return EncoderSet.default()

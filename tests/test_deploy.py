@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import os
@@ -106,6 +107,33 @@ def test_cluster_collection_settings_match_the_readme(monkeypatch) -> None:
     for name, value in params.items():
         assert f"{name} = {value}" in readme, f"deploy/README.md should say {name} = {value}"
     assert "fusion inside a nested prefetch is computed per shard" in readme
+
+
+def test_ray_cluster_runs_prodsearch_beside_the_qdrant_cluster(monkeypatch) -> None:
+    """deploy/ray/: a KubeRay RayCluster of the Ray image (the Dockerfile with EXTRAS="[ray]"),
+    pinned to the Ray of the extra, its driver on a head without CPUs, its workers on the Qdrant
+    cluster's URL; the collection's shards and replicas fit the 3 nodes."""
+    cluster = _compose(DEPLOY / "ray" / "raycluster.yaml")
+    assert cluster["apiVersion"] == "ray.io/v1" and cluster["kind"] == "RayCluster"
+    spec = cluster["spec"]
+    assert tuple(int(x) for x in spec["rayVersion"].split(".")[:2]) >= (2, 40)  # the extra's floor
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError):  # Ray: an optional extra
+        assert spec["rayVersion"] == importlib.metadata.version("ray"), "the Ray that pip gets"
+    assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    (worker,) = spec["workerGroupSpecs"][0]["template"]["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in worker["env"]}
+    qdrant = _compose(CLUSTER / "compose.yaml")["services"]
+    assert env["PRODSEARCH_STORE"].removeprefix("http://").split(":")[0] in qdrant
+    assert worker["image"].startswith("prodsearch-ray:")
+    dockerfile = (DEPLOY / "Dockerfile").read_text(encoding="utf-8")
+    assert (
+        'EXTRAS="[ray]" -t prodsearch-ray:' in dockerfile and "pip install .${EXTRAS}" in dockerfile
+    )
+    monkeypatch.setenv(SETTINGS_FILE_ENV, str(DEPLOY / "ray" / "collection.toml"))
+    params = Settings().collection_params()
+    assert params["shard_number"] % 3 == 0 and params["replication_factor"] == 2
+    readme = (DEPLOY / "README.md").read_text(encoding="utf-8")
+    assert "deploy/ray/raycluster.yaml" in readme and "bench_scaleout.py" in readme
 
 
 class _RecordingClient(QdrantClient):

@@ -104,22 +104,70 @@ def catalog_from_table(table: Table, recipe: Recipe, images_dir: Path | None = N
     whole cannot be used (required columns absent, a column clashing with a payload key).
     """
     path, frame = table.path, table.frame
-    _check_columns(frame, recipe, path)
-    image_root = (images_dir or path.parent).resolve()
-    payload = payload_columns(list(frame.columns), recipe)
-    clashes = RESERVED_PAYLOAD_KEYS.intersection(payload)
-    if clashes:
-        raise CatalogError(
-            f"{path}: column(s) {sorted(clashes)} clash with prodsearch's own payload keys; "
-            "rename them, map them in a recipe, or add them to the title (--text-columns)"
-        )
-    numeric = {c for c in payload if _is_numeric(frame[c])}
-    validations = (
-        (row, partial(_validate_row, row, record, recipe, image_root, payload, numeric))
-        for row, record in zip(frame.index, frame.to_dict(orient="records"), strict=True)
-    )
-    rows, rejections = collect_rows(validations, id_field=recipe.id)
+    validator = RowValidator.for_columns(list(frame.columns), recipe, path, images_dir)
+    validator.numeric = {c for c in validator.payload if _is_numeric(frame[c])}
+    rows, rejections = validator.validate(frame)
     return Catalog(path=path, rows=rows, rejections=rejections, rows_read=len(frame))
+
+
+@dataclass
+class RowValidator:
+    """The row rules of one catalog, applied batch by batch (a whole table at once, or a stream
+    of batches as `ingest --ray` reads them): the ids seen so far are kept across batches, so a
+    repeated id is rejected wherever it comes."""
+
+    recipe: Recipe
+    image_root: Path
+    #: the columns kept as payload
+    payload: list[str]
+    #: payload columns whose values are all numbers (in the whole catalog), stored as numbers
+    numeric: set[str] = field(default_factory=set)
+    #: product id -> the row it was first seen on
+    seen: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def for_columns(
+        cls, columns: list[str], recipe: Recipe, path: Path, images_dir: Path | None = None
+    ) -> RowValidator:
+        """A validator for a catalog with header `columns` (numeric columns still to be set).
+        Raises CatalogError when required columns are absent or a column clashes with a payload
+        key."""
+        _check_columns(columns, recipe, path)
+        payload = payload_columns(columns, recipe)
+        clashes = RESERVED_PAYLOAD_KEYS.intersection(payload)
+        if clashes:
+            raise CatalogError(
+                f"{path}: column(s) {sorted(clashes)} clash with prodsearch's own payload keys; "
+                "rename them, map them in a recipe, or add them to the title (--text-columns)"
+            )
+        return cls(recipe, (images_dir or path.parent).resolve(), payload)
+
+    def validate(self, frame: pd.DataFrame) -> tuple[list[CatalogRow], list[Rejection]]:
+        """The valid rows and the rejections of `frame` (every cell a str, the index the rows'
+        numbers)."""
+        validations = (
+            (
+                row,
+                partial(
+                    _validate_row,
+                    row,
+                    record,
+                    self.recipe,
+                    self.image_root,
+                    self.payload,
+                    self.numeric,
+                ),
+            )
+            for row, record in zip(frame.index, frame.to_dict(orient="records"), strict=True)
+        )
+        return collect_rows(validations, id_field=self.recipe.id, first_row_of=self.seen)
+
+
+def numeric_columns(frame: pd.DataFrame, columns: Iterable[str]) -> dict[str, bool | None]:
+    """For each of `columns`: whether its non-empty values in `frame` are all numbers (None: it
+    has none here). A column is numeric in a catalog when it is in some batch and False in
+    none."""
+    return {c: (None if (frame[c] == "").all() else _is_numeric(frame[c])) for c in columns}
 
 
 def payload_columns(columns: list[str], recipe: Recipe) -> list[str]:
@@ -135,14 +183,17 @@ def payload_columns(columns: list[str], recipe: Recipe) -> list[str]:
 
 
 def collect_rows(
-    candidates: Iterable[tuple[int, Callable[[], CatalogRow]]], id_field: str
+    candidates: Iterable[tuple[int, Callable[[], CatalogRow]]],
+    id_field: str,
+    first_row_of: dict[str, int] | None = None,
 ) -> tuple[list[CatalogRow], list[Rejection]]:
     """Validate products in order: each candidate is its row number and a function building its
     CatalogRow (raising RowError). Returns the valid rows and the rejections; a repeated product
-    id is rejected, the first occurrence is kept."""
+    id is rejected, the first occurrence is kept. `first_row_of` (updated) holds the ids of
+    earlier batches of the same catalog."""
     rows: list[CatalogRow] = []
     rejections: list[Rejection] = []
-    first_row_of: dict[str, int] = {}
+    first_row_of = {} if first_row_of is None else first_row_of
     for row_number, build in candidates:
         try:
             row = build()
@@ -213,8 +264,7 @@ def check_payload(row: int, product_id: str, payload: Mapping[str, Any], field: 
         )
 
 
-def _check_columns(frame: pd.DataFrame, recipe: Recipe, path: Path) -> None:
-    columns = list(frame.columns)
+def _check_columns(columns: list[str], recipe: Recipe, path: Path) -> None:
     absent_text = [c for c in recipe.text_columns if c not in columns]
     if absent_text:
         raise CatalogError(

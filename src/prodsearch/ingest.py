@@ -18,7 +18,7 @@ import json
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -38,7 +38,7 @@ from rich.progress import (
 from rich.text import Text
 
 from prodsearch.catalog import Catalog, CatalogRow, Rejection
-from prodsearch.encoders import EncoderInput
+from prodsearch.encoders import EncoderInput, EncoderSet
 from prodsearch.encoders.phash import compute_phash
 from prodsearch.errors import ImageError
 from prodsearch.images import load_image
@@ -60,6 +60,12 @@ class IngestReport:
     def skipped(self) -> int:
         """Rows rejected (reported, not stored)."""
         return len(self.rejections)
+
+    def add(self, batch: ReadBatch, upserted: int) -> None:
+        """Count a stored batch: `upserted` products written, the rest unchanged or rejected."""
+        self.upserted += upserted
+        self.unchanged += batch.unchanged
+        self.rejections += batch.rejections
 
     def as_dict(self) -> dict[str, Any]:
         """Return a JSON-serialisable summary."""
@@ -180,7 +186,7 @@ def _batches(rows: Sequence[CatalogRow], size: int) -> Iterator[Sequence[Catalog
 
 
 @dataclass
-class _ReadBatch:
+class ReadBatch:
     """One batch of catalog rows read, hashed, checked against the store and decoded: all the
     work before encoding, which the reader thread does ahead of the encoding thread."""
 
@@ -193,7 +199,24 @@ class _ReadBatch:
     product_ids: list[str]
 
 
-def _read_batch(index: Index, rows: Sequence[CatalogRow], store_lock: threading.Lock) -> _ReadBatch:
+def _read_batch(index: Index, rows: Sequence[CatalogRow], store_lock: threading.Lock) -> ReadBatch:
+    def stored(product_ids: list[str]) -> Mapping[str, str | None]:
+        with store_lock:
+            return index.content_hashes(product_ids)
+
+    return read_batch(rows, stored, index.encoders, index.settings.max_image_pixels)
+
+
+def read_batch(
+    rows: Sequence[CatalogRow],
+    stored: Callable[[list[str]], Mapping[str, str | None]],
+    encoders: EncoderSet,
+    max_pixels: int,
+) -> ReadBatch:
+    """One batch's work before encoding: read each row's image, hash the row, keep the rows whose
+    hash differs from the stored one (`stored`: product ids -> their stored content hashes),
+    decode their images and prepare the encoders' inputs. Unreadable and undecodable images
+    become rejections. Local and Ray ingest both call it, per batch."""
     rejections: list[Rejection] = []
     prepared: list[_Prepared] = []
     for row in rows:
@@ -204,15 +227,14 @@ def _read_batch(index: Index, rows: Sequence[CatalogRow], store_lock: threading.
             continue
         prepared.append(_Prepared(row, content_hash(row, image_bytes), image_bytes))
 
-    with store_lock:
-        stored = index.content_hashes([p.row.product_id for p in prepared])
-    changed = [p for p in prepared if stored.get(p.row.product_id) != p.content_hash]
+    hashes = stored([p.row.product_id for p in prepared])
+    changed = [p for p in prepared if hashes.get(p.row.product_id) != p.content_hash]
 
     inputs: list[EncoderInput] = []
     kept: list[_Prepared] = []
     for item in changed:
         try:
-            inputs.append(_encoder_input(item, index.settings.max_image_pixels))
+            inputs.append(_encoder_input(item, max_pixels))
         except ImageError as exc:
             rejections.append(_undecodable(item.row, exc))
             continue
@@ -221,10 +243,10 @@ def _read_batch(index: Index, rows: Sequence[CatalogRow], store_lock: threading.
     # photos would hold gigabytes while it waits in the queue). The phash is computed already.
     inputs = [
         replace(given, image=None) if given.pixels is not None else given
-        for given in index.encoders.prepare(inputs)
+        for given in encoders.prepare(inputs)
     ]
     ids = [p.row.product_id for p in prepared]
-    return _ReadBatch(len(rows), kept, inputs, len(prepared) - len(changed), rejections, ids)
+    return ReadBatch(len(rows), kept, inputs, len(prepared) - len(changed), rejections, ids)
 
 
 def check_images(catalog: Catalog, max_pixels: int) -> Catalog:
@@ -262,24 +284,27 @@ def _undecodable(row: CatalogRow, error: ImageError) -> Rejection:
 
 
 def _store_batch(
-    index: Index, batch: _ReadBatch, report: IngestReport, store_lock: threading.Lock
+    index: Index, batch: ReadBatch, report: IngestReport, store_lock: threading.Lock
 ) -> None:
-    vectors = index.encoders.encode(batch.inputs)
-    products = [
+    products = batch_products(index.encoders, batch)
+    with store_lock:
+        index.upsert(products)
+    report.add(batch, len(products))
+
+
+def batch_products(encoders: EncoderSet, batch: ReadBatch) -> list[Product]:
+    """Encode a read batch's changed rows: the products to upsert (named vectors + payload)."""
+    vectors = encoders.encode(batch.inputs)
+    return [
         Product(item.row.product_id, _payload(item, given.phash), item_vectors)
         for item, given, item_vectors in zip(batch.items, batch.inputs, vectors, strict=True)
     ]
-    with store_lock:
-        index.upsert(products)
-    report.upserted += len(products)
-    report.unchanged += batch.unchanged
-    report.rejections += batch.rejections
 
 
 _DONE = object()
 
 
-def _read_ahead(batches: Iterator[_ReadBatch], depth: int = 2) -> Iterator[_ReadBatch]:
+def _read_ahead(batches: Iterator[ReadBatch], depth: int = 2) -> Iterator[ReadBatch]:
     """Yield `batches`, produced by a reader thread up to `depth` batches ahead.
 
     The bounded queue keeps memory flat when encoding is the slower side. An error in the

@@ -13,7 +13,10 @@ from rich.table import Table
 from prodsearch.cli.common import (
     CollectionOption,
     JsonOption,
+    RayAddressOption,
+    RayOption,
     StoreOption,
+    WorkersOption,
     _print_json,
     _reports_errors,
     _settings,
@@ -26,7 +29,7 @@ from prodsearch.errors import ConfigError
 if TYPE_CHECKING:
     from prodsearch.catalog import Catalog, Rejection
     from prodsearch.columns import MappedCatalog
-    from prodsearch.settings import Settings
+    from prodsearch.settings import IngestSettings, Settings
 
 
 IdColumnOption = Annotated[
@@ -75,7 +78,13 @@ EncodingOption = Annotated[
 @app.command()
 @_reports_errors
 def ingest(
-    catalog: Annotated[Path, typer.Argument(help="The catalog: CSV, Parquet or JSON Lines.")],
+    catalog: Annotated[
+        str,
+        typer.Argument(
+            help="The catalog: CSV, Parquet or JSON Lines (with --ray: CSV or Parquet, a path "
+            "or an object-store URI Ray reads, e.g. s3://bucket/catalog.parquet)."
+        ),
+    ],
     store: StoreOption = None,
     collection: CollectionOption = None,
     recipe: Annotated[
@@ -119,6 +128,9 @@ def ingest(
             "dedup uses), or start one; a product linking two clusters proposes a merge.",
         ),
     ] = False,
+    ray: RayOption = False,
+    ray_address: RayAddressOption = None,
+    workers: WorkersOption = 2,
     as_json: JsonOption = False,
 ) -> None:
     """Upsert a catalog's products (named vectors + payload) into a collection; re-runs resume.
@@ -131,18 +143,18 @@ def ingest(
     from prodsearch.catalog import catalog_from_table
 
     settings = _settings(store, collection, batch_size=batch_size)
-    mapped = _mapped_catalog(
-        catalog,
-        recipe,
-        settings,
-        id_column=id_column,
-        title_column=title_column,
-        image_column=image_column,
-        phash_column=phash_column,
-        text_columns=text_columns,
-        delimiter=delimiter,
-        encoding=encoding,
-    )
+    flags = {"id_column": id_column, "title_column": title_column}
+    flags |= {"image_column": image_column, "phash_column": phash_column}
+    flags |= {"text_columns": text_columns, "delimiter": delimiter, "encoding": encoding}
+    if ray:
+        if dry_run or assign:
+            raise ConfigError("--ray does not take --dry-run or --assign: run them without --ray")
+        choices = _column_choices(settings, flags)
+        where = (images_dir, report)
+        _ray_ingest(catalog, ray_address, workers, settings, recipe, choices, where, as_json)
+        return
+    path = Path(catalog)
+    mapped = _mapped_catalog(path, recipe, settings, **flags)
     rows = catalog_from_table(mapped.table, mapped.recipe, images_dir)
     if dry_run:
         _dry_run(rows, mapped, settings.max_image_pixels, as_json)
@@ -151,7 +163,7 @@ def ingest(
     from prodsearch.index import Index
     from prodsearch.ingest import ingest_catalog
 
-    report_path = report or catalog.with_name(catalog.stem + ".rejects.csv")
+    report_path = report or path.with_name(path.stem + ".rejects.csv")
     with Index(settings=settings) as index:
         if assign:
             result, assigned = _assigning_ingest(index, rows, report_path)
@@ -166,14 +178,72 @@ def ingest(
         "store": settings.store,
         "products_in_collection": total,
     }
+    document = {**summary, "columns": mapped.as_dict()}
+    _ingest_outcome(result, summary, document, f"ingest {path.name}", as_json)
+
+
+def _ingest_outcome(
+    result: Any, summary: dict[str, Any], document: dict[str, Any], title: str, as_json: bool
+) -> None:
+    """Print an ingest's `summary` (as JSON: `document`), its first rejected rows; exit code 1
+    when no product could be ingested."""
     if as_json:
-        _print_json({**summary, "columns": mapped.as_dict()})
+        _print_json(document)
     else:
-        title = f"ingest {catalog.name} -> {settings.collection}"
+        title = f"{title} -> {summary['collection']}"
         _print_summary(title, summary, result.rejections, f"in {result.report_path}")
     if result.upserted + result.unchanged == 0:
         stderr.print("[red]error:[/red] no product could be ingested")
         raise typer.Exit(1)
+
+
+def _ray_ingest(
+    catalog: str,
+    address: str | None,
+    workers: int,
+    settings: Settings,
+    recipe: str | None,
+    choices: IngestSettings,
+    where: tuple[Path | None, Path | None],
+    as_json: bool,
+) -> None:
+    """`ingest --ray`: the catalog read by Ray Data and encoded by `workers` actors
+    (scaleout/ingest.py); the same summary, report and exit code as the local ingest. `where`:
+    the images folder and the report file, when given."""
+    from prodsearch.index import Index
+    from prodsearch.recipes import load_recipe
+    from prodsearch.scaleout import start_ray
+    from prodsearch.scaleout.ingest import ray_ingest
+
+    images_dir, report = where
+    start_ray(address)
+    name = catalog.rstrip("/").rsplit("/", 1)[-1]
+    report_path = report or (
+        Path(catalog).with_name(Path(name).stem + ".rejects.csv")
+        if "://" not in catalog
+        else Path(Path(name).stem + ".rejects.csv")
+    )
+    with Index(settings=settings) as index:
+        result = ray_ingest(
+            index,
+            catalog,
+            choices,
+            load_recipe(recipe) if recipe else None,
+            workers=workers,
+            images_dir=images_dir,
+            report_path=report_path,
+            console=stderr,
+        )
+        total = index.count()
+    summary = {
+        **result.as_dict(),
+        "ray": address or "local",
+        "workers": workers,
+        "collection": settings.collection,
+        "store": settings.store,
+        "products_in_collection": total,
+    }
+    _ingest_outcome(result, summary, summary, f"ingest --ray {name}", as_json)
 
 
 def _assigning_ingest(index: Any, rows: Catalog, report_path: Path) -> tuple[Any, dict]:
@@ -208,21 +278,28 @@ def _mapped_catalog(
     """Read `catalog` with the column choices of `flags` over the settings' [ingest] table (and
     `recipe`, a name or path, when given); print what was read and the mapping on stderr.
     Raises ConfigError or CatalogError (see `map_catalog`)."""
-    from pydantic import ValidationError
-
     from prodsearch.columns import map_catalog
     from prodsearch.recipes import load_recipe
-    from prodsearch.settings import IngestSettings
 
-    given = {name: value for name, value in flags.items() if value is not None}
-    try:
-        choices = IngestSettings.model_validate({**settings.ingest.model_dump(), **given})
-    except ValidationError as exc:
-        raise ConfigError(f"invalid column options: {exc}") from exc
+    choices = _column_choices(settings, flags)
     mapped = map_catalog(catalog, choices, load_recipe(recipe) if recipe else None)
     for line in mapped.describe():
         stderr.print(line, highlight=False, markup=False, soft_wrap=True)
     return mapped
+
+
+def _column_choices(settings: Settings, flags: dict[str, str | None]) -> IngestSettings:
+    """The column choices of `flags` (None: not given) over the settings' [ingest] table.
+    Raises ConfigError when they are invalid."""
+    from pydantic import ValidationError
+
+    from prodsearch.settings import IngestSettings
+
+    given = {name: value for name, value in flags.items() if value is not None}
+    try:
+        return IngestSettings.model_validate({**settings.ingest.model_dump(), **given})
+    except ValidationError as exc:
+        raise ConfigError(f"invalid column options: {exc}") from exc
 
 
 def read_mapped_catalog(

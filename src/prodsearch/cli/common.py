@@ -42,6 +42,26 @@ CollectionOption = Annotated[
     str | None, typer.Option("--collection", help="Collection name. Default: products.")
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+RayOption = Annotated[
+    bool,
+    typer.Option(
+        "--ray",
+        help="Run on Ray (pip install 'prodsearch[ray]'): a local Ray on this machine's cores, "
+        "or the cluster of --ray-address / RAY_ADDRESS.",
+    ),
+]
+RayAddressOption = Annotated[
+    str | None,
+    typer.Option(
+        "--ray-address",
+        metavar="ADDRESS",
+        help="With --ray: the cluster to join, e.g. auto or ray://HOST:10001 (default: "
+        "RAY_ADDRESS, else a local Ray).",
+    ),
+]
+WorkersOption = Annotated[
+    int, typer.Option(min=1, help="With --ray: encoding or query actors (half a CPU each).")
+]
 
 
 def _reports_errors(command: F) -> F:

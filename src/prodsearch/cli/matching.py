@@ -13,7 +13,10 @@ from rich.table import Table
 from prodsearch.cli.common import (
     CollectionOption,
     JsonOption,
+    RayAddressOption,
+    RayOption,
     StoreOption,
+    WorkersOption,
     _print_json,
     _reports_errors,
     _settings,
@@ -204,13 +207,17 @@ def dedup(
     decider: DeciderOption = None,
     reconcile: ReconcileOption = False,
     apply: ApplyOption = False,
+    ray: RayOption = False,
+    ray_address: RayAddressOption = None,
+    workers: WorkersOption = 2,
     as_json: JsonOption = False,
 ) -> None:
     """Match every product of a collection against it: match sets, duplicate clusters (stored in
     the collection under stable ids: an unchanged cluster keeps its id across runs), where the
     time went, and beside OUT the audit trail OUT.pairs.csv (every match's scores, the signals
     that fired, the pair model's probability). Resumable: a re-run after a kill reuses
-    OUT.checkpoint.jsonl."""
+    OUT.checkpoint.jsonl. With --ray, the candidate queries and the pair model's decision run
+    on Ray workers (the pair table as Parquet partitions in OUT.ray/; not resumable)."""
     import time
 
     from prodsearch.cli.catalog import read_mapped_catalog
@@ -244,7 +251,15 @@ def dedup(
             if done == total or done % 2048 < 256:
                 stderr.print(f"{step}: {done:,}/{total:,}", highlight=False)
 
-        result = run_dedup(index, knobs, filters, progress=progress, checkpoint=checkpoint)
+        if ray:
+            from prodsearch.scaleout import start_ray
+            from prodsearch.scaleout.dedup import ray_dedup
+
+            start_ray(ray_address)
+            ray_dir = out.with_name(out.name + ".ray")
+            result = ray_dedup(index, ray_dir, knobs, filters, workers=workers)
+        else:
+            result = run_dedup(index, knobs, filters, progress=progress, checkpoint=checkpoint)
         carried = _stored_clusters(index, result, apply=apply or not reconcile)
     audit = result.write(out, carried.membership)
     checkpoint.unlink(missing_ok=True)

@@ -167,8 +167,7 @@ def _matches(
     try:
         for start in range(0, len(todo), BATCH_SIZE):
             chunk = todo[start : start + BATCH_SIZE]
-            filter_specs = [filters.for_product(p.payload) for p in chunk]
-            found = index.match_vectors([p.vectors for p in chunk], options, filter_specs)
+            found = batch_matches(index, chunk, options, filters)
             for product, matches in zip(chunk, found, strict=True):
                 if handle:
                     record = {"id": product.product_id, "matches": [_slim(m) for m in matches]}
@@ -181,6 +180,16 @@ def _matches(
     finally:
         if handle:
             handle.close()
+
+
+def batch_matches(
+    index: Index, products: Sequence[Product], options: MatchOptions, filters: RelativeFilters
+) -> list[list[Match]]:
+    """Each product's candidates (its stored vectors queried with `options`, its relative
+    filters applied in the engine), in one batched engine request; `dedup --ray`'s query workers
+    call it on their share of the products."""
+    filter_specs = [filters.for_product(p.payload) for p in products]
+    return index.match_vectors([p.vectors for p in products], options, filter_specs)
 
 
 def _slim(match: Match) -> dict[str, Any]:

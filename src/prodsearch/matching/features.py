@@ -120,7 +120,7 @@ def pair_features(
     zeros where a product has none; a modality absent from `dense` is missing); `titles` each
     product's title ("" when it has none); `stats` the whole catalog's."""
     a, b = table.a, table.b
-    columns = [signal_features(table, signal) for signal in SIGNALS]
+    columns = [signal_features(table, s, stats.quantiles.get(s)) for s in SIGNALS]
     columns.append(code_features(titles, a, b))
     numbers = [title_numbers(t) for t in titles]
     pairs = zip(a.tolist(), b.tolist(), strict=True)

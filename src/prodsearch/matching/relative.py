@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -84,9 +84,12 @@ def signal_scores(table: PairTable, signal: str) -> np.ndarray:
     return table.fused if signal == "fused" else table.scores(signal)
 
 
-def signal_features(table: PairTable, signal: str) -> np.ndarray:
+def signal_features(
+    table: PairTable, signal: str, reference: np.ndarray | None = None
+) -> np.ndarray:
     """The features of one signal (`signal_names`), one row per pair; all NaN where the catalog
-    has no such score."""
+    has no such score. `reference`: the sorted known scores the quantile is read against
+    (default: the table's own)."""
     v = signal_scores(table, signal).astype(np.float64)
     if np.isnan(v).all():
         return np.full((len(table), len(SIGNAL_FEATURES)), np.nan)
@@ -110,7 +113,7 @@ def signal_features(table: PairTable, signal: str) -> np.ndarray:
         np.fmin(v - tenth[a], v - tenth[b]),
         2 * v - top5[a] - top5[b],
         2 * v - top10[a] - top10[b],
-        _quantiles(v),
+        _quantiles(v, reference),
         np.fmin(dense[a], dense[b]),
         np.fmax(dense[a], dense[b]),
     ]
@@ -145,9 +148,10 @@ def _per_product(table: PairTable, v: np.ndarray, rank: np.ndarray) -> list[np.n
     return [best, kth(2), kth(5), kth(10), mean_top(5), mean_top(10), dense]
 
 
-def _quantiles(v: np.ndarray) -> np.ndarray:
-    """Each score's quantile among the known scores (NaN stays NaN)."""
-    known = np.sort(v[~np.isnan(v)])
+def _quantiles(v: np.ndarray, reference: np.ndarray | None = None) -> np.ndarray:
+    """Each score's quantile among the known scores, or the sorted `reference` scores (NaN stays
+    NaN)."""
+    known = np.sort(v[~np.isnan(v)]) if reference is None else reference
     out = np.searchsorted(known, v, side="right") / max(len(known), 1)
     return np.where(np.isnan(v), np.nan, out)
 
@@ -222,6 +226,10 @@ class CatalogStats:
 
     titles: int
     document_frequency: dict[str, int]
+    #: signal -> its known scores over the whole catalog's pair table, sorted: the reference of
+    #: the quantile features when a table is a part of it (`dedup --ray`'s partitions); empty:
+    #: each table's own
+    quantiles: dict[str, np.ndarray] = field(default_factory=dict)
 
     @classmethod
     def of(cls, titles: Sequence[str]) -> CatalogStats:

@@ -44,6 +44,24 @@ def candidate_order(match: Any) -> tuple[float, str]:
     return (-round(match.score, SCORE_DECIMALS), match.product_id)
 
 
+def candidate_rows(pid: str, matches: Sequence[Any]) -> list[tuple[str, float, list[float]]]:
+    """A product's rows of the table from its engine matches, in `candidate_order`, itself left
+    out: (candidate id, fused score, each of MODALITIES' scores or NaN), to SCORE_DECIMALS.
+    `PairTable.from_matches` and `dedup --ray`'s query workers both flatten matches with it."""
+    return [
+        (
+            match.product_id,
+            round(match.score, SCORE_DECIMALS),
+            [
+                np.nan if (value := match.scores.get(m)) is None else round(value, SCORE_DECIMALS)
+                for m in MODALITIES
+            ],
+        )
+        for match in sorted(matches, key=candidate_order)
+        if match.product_id != pid
+    ]
+
+
 @dataclass
 class PairTable:
     """Every product's candidates as one table (see the module docstring for its columns)."""
@@ -91,16 +109,15 @@ class PairTable:
         fused: list[float] = []
         scores: dict[str, list[float]] = {m: [] for m in MODALITIES}
         for pid, matches in results:
-            for match in sorted(matches, key=candidate_order):
-                other = position.get(match.product_id)
-                if other is None or match.product_id == pid:
+            for other_id, score, modality_scores in candidate_rows(pid, matches):
+                other = position.get(other_id)
+                if other is None:
                     continue
                 a.append(position[pid])
                 b.append(other)
-                fused.append(round(match.score, SCORE_DECIMALS))
-                for modality, values in scores.items():
-                    value = match.scores.get(modality)
-                    values.append(np.nan if value is None else round(value, SCORE_DECIMALS))
+                fused.append(score)
+                for modality, value in zip(MODALITIES, modality_scores, strict=True):
+                    scores[modality].append(value)
         return cls.build(
             ids,
             np.array(a, dtype=np.int64),
