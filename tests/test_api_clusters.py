@@ -66,9 +66,9 @@ def test_a_match_carries_the_catalogs_decision(served) -> None:
 
 def test_products_are_assigned_to_clusters_and_leave_them(served) -> None:
     client, later = served
-    batch = [{"id": row.id, "title": row.title} for row in later.head(6).itertuples()]
+    batch = [{"id": row.id, "title": row.title} for row in later.head(12).itertuples()]
     answer = client.post("/products", json={"products": batch, "assign": True}).json()
-    assert answer["upserted"] == 6 and len(answer["assignments"]) == 6
+    assert answer["upserted"] == 12 and len(answer["assignments"]) == 12
     joined = [a for a in answer["assignments"] if a["how"] == "joined"]
     assert joined, answer["assignments"]
     first = joined[0]
@@ -81,7 +81,7 @@ def test_products_are_assigned_to_clusters_and_leave_them(served) -> None:
     assert any(e["kind"] == "joined" for e in cluster["events"])
     # resending the same products assigns nothing again
     again = client.post("/products", json={"products": batch, "assign": True}).json()
-    assert again["unchanged"] == 6 and again["assignments"] == []
+    assert again["unchanged"] == 12 and again["assignments"] == []
     assert client.delete(f"/products/{first['product_id']}").status_code == 200
     after = client.get(f"/clusters/{first['cluster_id']}").json()
     assert first["product_id"] not in [m["product_id"] for m in after["members"]]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -99,6 +100,12 @@ def test_new_listings_join_their_products_cluster(tmp_path: Path, encoders) -> N
         assert index.get(p)["cluster_id"] == membership[p]
     events = log.events(kind="joined")
     assert events and all(e.detail["matches"] for e in events), "evidence is recorded"
+    # the assignments read quantiles in the catalog's score distribution, sampled from its
+    # products' candidates and kept in the log (a re-run decides with the same one)
+    kept = log.catalog_stats()
+    assert kept["titles"] == len(frame) and {"text", "chars", "fused"} <= set(kept["quantiles"])
+    text = np.asarray(kept["quantiles"]["text"])
+    assert len(text) > len(frame) and np.all(np.diff(text) >= 0) and 0 < text[-1] <= 1.0001
     # a changed listing is re-assigned: it no longer matches its old product
     changed = later.iloc[[0]].assign(title="Completely different garden hose 25m")
     ingest_generated(index, tmp_path / "changed.csv", changed, assigner)

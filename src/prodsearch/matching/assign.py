@@ -14,7 +14,7 @@ clusters is as often a look-alike as a bridge). Products not yet in a cluster co
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -22,13 +22,21 @@ import numpy as np
 from prodsearch.errors import ConfigError
 from prodsearch.index import Index, Product
 from prodsearch.matching import decide
-from prodsearch.matching.candidates import Neighbourhood, neighbourhood
+from prodsearch.matching.candidates import (
+    BATCH_SIZE,
+    Neighbourhood,
+    RelativeFilters,
+    batch_matches,
+    candidate_options,
+    neighbourhood,
+)
 from prodsearch.matching.cluster_log import CLUSTER_KEY, ClusterLog, new_cluster_id
 from prodsearch.matching.dedup import decide_by_pair_model, default_search
 from prodsearch.matching.features import NEIGHBOURS, product_titles
-from prodsearch.matching.pair_model import PairModel
-from prodsearch.matching.relative import CatalogStats
-from prodsearch.settings import DedupSettings, SearchSettings
+from prodsearch.matching.pair_model import MODEL_CANDIDATES, PairModel
+from prodsearch.matching.relative import SIGNALS, CatalogStats
+from prodsearch.matching.table import candidate_rows
+from prodsearch.settings import MODALITIES, DedupSettings, SearchSettings
 from prodsearch.state import state_file
 
 #: how many of a product's best candidates have their own candidates read (their pairs with the
@@ -36,6 +44,11 @@ from prodsearch.state import state_file
 DEPTH = 10
 #: the id a query that is not in the collection takes in its neighbourhood table
 QUERY_ID = "\x00query"
+#: products whose candidates sample the catalog's score distribution (`sampled_scores`)
+SCORE_SAMPLE = 400
+#: sorted scores of a signal kept of that sample (evenly spaced)
+REFERENCE_POINTS = 2001
+NO_FILTERS = RelativeFilters()
 
 
 @dataclass(frozen=True)
@@ -128,16 +141,21 @@ class ProductDecider:
 
     def _stats(self) -> CatalogStats:
         """The catalog's statistics, gathered again once it grew by a tenth since (kept in the
-        log, when there is one)."""
+        log, when there is one): its titles' word frequencies, and its score distribution
+        sampled from SCORE_SAMPLE products' candidates (`sampled_scores`)."""
         if self.stats is None and self.log is not None:
             kept = self.log.catalog_stats()
-            self.stats = CatalogStats(**kept) if kept else None
+            self.stats = _stats_from_log(kept) if kept else None
         size = self.index.count()
         if self.stats is None or size > 1.1 * self.stats.titles:
-            titles = product_titles(list(self.index.scroll(with_vectors=False)))
-            self.stats = CatalogStats.of(titles)
+            products = list(self.index.scroll(with_vectors=False))
+            titles = product_titles(products)
+            scores = sampled_scores(self.index, self.search, [p.product_id for p in products])
+            self.stats = replace(CatalogStats.of(titles), quantiles=scores)
             if self.log is not None:
-                self.log.set_catalog_stats(asdict(self.stats))
+                fields = asdict(self.stats)
+                fields["quantiles"] = {s: v.tolist() for s, v in scores.items()}
+                self.log.set_catalog_stats(fields)
         return self.stats
 
     def _products(self, found: Neighbourhood) -> list[Product]:
@@ -153,6 +171,46 @@ class ProductDecider:
             found.product if pid == first else stored.get(pid) or Product(pid, payload, {})
             for pid, payload in found.payloads.items()
         ]
+
+
+def _stats_from_log(kept: dict[str, Any]) -> CatalogStats:
+    quantiles = {s: np.asarray(v, dtype=np.float64) for s, v in kept.get("quantiles", {}).items()}
+    return CatalogStats(kept["titles"], kept["document_frequency"], quantiles)
+
+
+def sampled_scores(
+    index: Index, search: SearchSettings, product_ids: Sequence[str]
+) -> dict[str, np.ndarray]:
+    """The catalog's score distribution, as a whole-catalog table holds it (each product's
+    MODEL_CANDIDATES best candidates), sampled from SCORE_SAMPLE products (a fixed draw):
+    each signal's known scores, sorted, thinned to at most REFERENCE_POINTS. An assignment reads
+    its pairs' quantile features in it, as `dedup` reads them among the whole table's pairs (a
+    neighbourhood's own pairs are all close ones: a true match's quantile among them is low)."""
+    ids = sorted(product_ids)
+    if not ids:
+        return {}
+    draw = np.random.default_rng(0).choice(len(ids), min(SCORE_SAMPLE, len(ids)), replace=False)
+    products = index.products([ids[i] for i in sorted(draw)], with_vectors=True)
+    options = candidate_options(index, search)
+    values: dict[str, list[float]] = {s: [] for s in SIGNALS}
+    for start in range(0, len(products), BATCH_SIZE):
+        chunk = products[start : start + BATCH_SIZE]
+        found = batch_matches(index, chunk, options, NO_FILTERS)
+        for product, matches in zip(chunk, found, strict=True):
+            rows = candidate_rows(product.product_id, matches)[:MODEL_CANDIDATES]
+            for _, fused, scores in rows:
+                values["fused"].append(fused)
+                for modality, score in zip(MODALITIES, scores, strict=True):
+                    if modality in values:
+                        values[modality].append(score)
+    out = {}
+    for signal, known in values.items():
+        v = np.sort(np.array(known, dtype=np.float64))
+        v = v[~np.isnan(v)]
+        if len(v):
+            points = np.linspace(0, len(v) - 1, min(len(v), REFERENCE_POINTS)).round()
+            out[signal] = v[points.astype(np.int64)]
+    return out
 
 
 def catalog_decider(index: Index) -> ProductDecider:
