@@ -67,6 +67,14 @@ class IngestReport:
         self.unchanged += batch.unchanged
         self.rejections += batch.rejections
 
+    def finish(self, started: float, report_path: Path | None) -> None:
+        """Record the time since `started` (perf_counter) and write the rejected rows, when
+        any, to `report_path`."""
+        self.seconds = time.perf_counter() - started
+        if self.rejections and report_path is not None:
+            write_rejections(self.rejections, report_path)
+            self.report_path = report_path
+
     def as_dict(self) -> dict[str, Any]:
         """Return a JSON-serialisable summary."""
         return {
@@ -152,10 +160,7 @@ def ingest_catalog(
                 )
     if build_index:
         index.build()
-    report.seconds = time.perf_counter() - started
-    if report.rejections and report_path is not None:
-        write_rejections(report.rejections, report_path)
-        report.report_path = report_path
+    report.finish(started, report_path)
     return report
 
 

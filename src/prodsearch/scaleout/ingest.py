@@ -23,7 +23,7 @@ from rich.console import Console
 
 from prodsearch.catalog import CatalogRow
 from prodsearch.index import Index, Product
-from prodsearch.ingest import IngestReport, ReadBatch, write_rejections
+from prodsearch.ingest import IngestReport, ReadBatch
 from prodsearch.recipes import Recipe
 from prodsearch.scaleout import ACTOR_CPUS, is_server
 from prodsearch.scaleout.read import read_dataset
@@ -138,10 +138,7 @@ def ray_ingest(
     _log(console, report, started)
     if build_index:
         index.build()
-    report.seconds = time.perf_counter() - started
-    if report.rejections and report_path is not None:
-        write_rejections(report.rejections, report_path)
-        report.report_path = report_path
+    report.finish(started, report_path)
     return report
 
 
