@@ -161,6 +161,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--latency-products", type=int, default=200)
     parser.add_argument("--skip-latency", action="store_true")
+    parser.add_argument("--latency-only", action="store_true", help="measure the latency alone")
     args = parser.parse_args()
     train = pd.read_csv(args.data / "shopee" / "train.csv")
     split = pd.read_csv(args.data / "shopee" / "split.csv")
@@ -168,17 +169,24 @@ def main() -> None:
     test = test[test["split"] == "test"].drop(columns="split")
     with tempfile.TemporaryDirectory(prefix="prodsearch-incremental-") as folder:
         workdir = Path(folder)
-        streamed = stream(test, workdir, args.batches, args.seed)
-        whole = full(test, workdir)
+        streamed = None if args.latency_only else stream(test, workdir, args.batches, args.seed)
+        whole = None if args.latency_only else full(test, workdir)
         times = (
             [] if args.skip_latency else latency(train, workdir, args.latency_products, args.seed)
         )
-    report(streamed, whole, times, args, len(train))
+    if streamed is not None and whole is not None:
+        report(streamed, whole, args)
+    if times:
+        p50, p95 = np.percentile(times, [50, 95])
+        print(
+            f"\nassign one new product into {len(train) - args.latency_products:,} products "
+            f"(encode + upsert + assign, load {os.getloadavg()[0]:.1f}): p50 {p50:.1f} ms, p95 "
+            f"{p95:.1f} ms over {len(times)}; the first (it gathers the catalog's statistics) "
+            f"{times[0]:.0f} ms; p95 of the others {np.percentile(times[1:], 95):.1f} ms"
+        )
 
 
-def report(
-    streamed: dict, whole: dict, times: list[float], args: argparse.Namespace, n: int
-) -> None:
+def report(streamed: dict, whole: dict, args: argparse.Namespace) -> None:
     """Print the tables."""
     groups = streamed["groups"]
     ids = sorted(groups)
@@ -201,13 +209,6 @@ def report(
         "\nkept their cluster id while their group got no new member: "
         f"min {min(stable):.4f}, mean {statistics.mean(stable):.4f} over {len(stable)} batches"
     )
-    if times:
-        p50, p95 = np.percentile(times, [50, 95])
-        print(
-            f"\nassign one new product into {n - args.latency_products:,} products (encode + "
-            f"upsert + assign, load {os.getloadavg()[0]:.1f}): p50 {p50:.1f} ms, p95 "
-            f"{p95:.1f} ms over {len(times)}"
-        )
 
 
 if __name__ == "__main__":
