@@ -115,7 +115,9 @@ def ray_ingest(
         if not isinstance(products, int):
             index.upsert(products)
         report.add(batch, products if isinstance(products, int) else len(products))
-        if time.perf_counter() - logged[0] >= LOG_SECONDS:
+        # a terminal gets a line every LOG_SECONDS; logs and pipes one a batch (as the local
+        # ingest's), so a supervisor sees each batch stored
+        if not console.is_terminal or time.perf_counter() - logged[0] >= LOG_SECONDS:
             _log(console, report, started)
             logged[0] = time.perf_counter()
 
