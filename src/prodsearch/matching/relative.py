@@ -30,6 +30,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 import pandas as pd
@@ -156,6 +157,7 @@ def _quantiles(v: np.ndarray, reference: np.ndarray | None = None) -> np.ndarray
     return np.where(np.isnan(v), np.nan, out)
 
 
+@lru_cache(maxsize=1 << 16)
 def title_codes(title: str) -> frozenset[str]:
     """A title's model codes: tokens of 3+ characters mixing letters and digits (or 6+ digits
     that are not a year), separators removed, lower case; sizes and units (`32gb`, `1920x1080`)
@@ -211,6 +213,7 @@ TOKEN_FEATURES = (
 )
 
 
+@lru_cache(maxsize=1 << 16)
 def title_words(title: str) -> frozenset[str]:
     """A title's lower-cased word tokens (`sf1008d`, `1.5l`, `kdl-46v5100` kept whole)."""
     return frozenset(_WORD.findall(title.lower()))

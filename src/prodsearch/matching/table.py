@@ -158,8 +158,15 @@ class PairTable:
 
     def reverse(self, values: np.ndarray) -> np.ndarray:
         """`values` of each pair's reverse pair (b, a); NaN where b's candidates lack a."""
-        series = pd.Series(values, index=pd.MultiIndex.from_arrays([self.a, self.b]))
-        return series.reindex(pd.MultiIndex.from_arrays([self.b, self.a])).to_numpy()
+        n = max(len(self.ids), 1)
+        key = self.a.astype(np.int64) * n + self.b
+        wanted = self.b.astype(np.int64) * n + self.a
+        order = np.argsort(key, kind="stable")
+        at = np.minimum(np.searchsorted(key[order], wanted), max(len(key) - 1, 0))
+        found = key[order][at] == wanted if len(key) else np.zeros(0, dtype=bool)
+        out = np.full(len(key), np.nan)
+        out[found] = np.asarray(values, dtype=np.float64)[order[at[found]]]
+        return out
 
     def per_product(self, values: np.ndarray, how: str = "max") -> np.ndarray:
         """An aggregate of `values` over each product's pairs, one per product in `ids` (NaN for
