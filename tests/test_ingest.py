@@ -195,13 +195,16 @@ def test_pipelined_ingest_stores_what_a_sequential_one_stores(tmp_path, encoders
             np.testing.assert_allclose(other, vector, atol=1e-5, err_msg=name)
 
 
-def _cli(*args: str, env: dict[str, str]) -> subprocess.Popen:
+def cli_process(*args: str, env: dict[str, str], own_group: bool = False) -> subprocess.Popen:
+    """The CLI as a child process with piped output (`own_group`: in a session of its own, so
+    that the processes it starts, such as a local Ray's, are in its process group)."""
     return subprocess.Popen(
         [sys.executable, "-m", "prodsearch.cli", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        start_new_session=own_group,
     )
 
 
@@ -214,7 +217,7 @@ def test_resume_after_a_killed_ingest(tmp_path) -> None:
     store = tmp_path / "store"
     env = {**os.environ, "PRODSEARCH_BATCH_SIZE": "32"}
     args = ("ingest", str(catalog), "--recipe", "generic", "--store", str(store), "--json")
-    process = _cli(*args, env=env)
+    process = cli_process(*args, env=env)
     deadline = time.monotonic() + 240
     for line in process.stderr:  # type: ignore[union-attr]
         if line.startswith("ingest: ") and int(line.split()[1].split("/")[0]) >= 96:
@@ -224,7 +227,7 @@ def test_resume_after_a_killed_ingest(tmp_path) -> None:
     process.wait()
     assert process.returncode == -signal.SIGKILL
 
-    rerun = _cli(*args, env=env)
+    rerun = cli_process(*args, env=env)
     out, err = rerun.communicate(timeout=600)
     assert rerun.returncode == 0, err
     summary = json.loads(out)

@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from prodsearch.recipes import load_recipe
 from prodsearch.settings import IngestSettings, Settings
 
 from .generated import labelled_catalog
+from .test_ingest import cli_process
 
 ray = pytest.importorskip(
     "ray", reason="Ray is not installed: pip install 'prodsearch[ray]' (scripts/setup.sh does)"
@@ -133,18 +133,6 @@ def test_ray_ingest_rejects_another_format(tmp_path, encoders, local_ray) -> Non
         ray_ingest(index, str(source), IngestSettings(), None)
 
 
-def _cli(*args: str, env: dict[str, str]) -> subprocess.Popen:
-    """The CLI in a session of its own: its local Ray's processes are in its process group."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "prodsearch.cli", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        start_new_session=True,
-    )
-
-
 def _kill_group(process: subprocess.Popen) -> None:
     """SIGKILL the process and every process of its group (its local Ray's too)."""
     with contextlib.suppress(ProcessLookupError):
@@ -166,7 +154,7 @@ def test_killed_ray_ingest_resumes(tmp_path: Path) -> None:
     store = tmp_path / "store"
     env = {**os.environ, "PRODSEARCH_BATCH_SIZE": "16", "RAY_ADDRESS": ""}
     args = ("ingest", str(catalog), "--recipe", "generic", "--store", str(store), "--json")
-    process = _cli(*args, "--ray", "--workers", "1", env=env)
+    process = cli_process(*args, "--ray", "--workers", "1", env=env, own_group=True)
     deadline = time.monotonic() + 240
     stored = 0
     for line in process.stderr:  # type: ignore[union-attr]
@@ -178,7 +166,7 @@ def test_killed_ray_ingest_resumes(tmp_path: Path) -> None:
     assert process.returncode == -signal.SIGKILL
     assert stored < len(frame), "killed before the end"
 
-    rerun = _cli(*args, "--ray", "--workers", "2", env=env)
+    rerun = cli_process(*args, "--ray", "--workers", "2", env=env, own_group=True)
     try:
         out, err = rerun.communicate(timeout=600)
     finally:
