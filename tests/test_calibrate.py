@@ -133,3 +133,23 @@ def test_a_new_calibration_replaces_the_old_one_whole(tmp_path, monkeypatch) -> 
     calibration = settings.dedup.pair_model.calibration
     assert calibration.labels == 12 and not calibration.weights and not calibration.centers
     assert settings.dedup.pair_model.min_probability == 0.4 and settings.thresholds.text == 0.6
+
+
+def test_few_answers_never_invert_the_model() -> None:
+    # Answers against the model's order (its surest pairs "different", its least sure "same"),
+    # too few for feature weights: Platt scaling alone, whose slope would come out negative
+    # unbounded. The slope stays >= 0, so the model's surest pairs never become its least sure.
+    scored, _ = catalog(pairs=60)
+    half = len(scored.probability) // 2
+    probability = np.linspace(0.05, 0.99, half)
+    scored = ScoredPairs(
+        scored.table, scored.rows, np.concatenate([probability, probability]), scored.features
+    )
+    ids = scored.table.ids
+    answers = [PairLabel(ids[2 * i], ids[2 * i + 1], i < 5) for i in range(5)]
+    answers += [PairLabel(ids[2 * i], ids[2 * i + 1], False) for i in range(half - 7, half)]
+    fit = fit_calibration(scored, answers)
+    assert not fit.settings.weights
+    assert fit.settings.slope >= 0.0
+    calibrated_p = fit.apply(scored)[:half]
+    assert np.all(np.diff(calibrated_p) >= -1e-12)

@@ -220,7 +220,11 @@ def _fit(z0: np.ndarray, design: np.ndarray, found: LabelledRows, strength: floa
         deviation = theta - prior
         return value + 0.5 * float(penalty @ deviation**2), gradient + penalty * deviation
 
-    return minimize(loss, prior.copy(), jac=True, method="L-BFGS-B").x
+    # The slope stays >= 0: a few answers can invert the model's order (on Amazon-Google, 25
+    # answers around one probability, two of them "different" at p = 1.0, fitted slope -0.56),
+    # and an inverted model matches the pairs it is surest are different.
+    bounds = [(0.0, None)] + [(None, None)] * (len(prior) - 1)
+    return minimize(loss, prior.copy(), jac=True, method="L-BFGS-B", bounds=bounds).x
 
 
 def _choose_strength(z0: np.ndarray, design: np.ndarray, found: LabelledRows) -> float | None:
