@@ -367,3 +367,42 @@ def test_ingest_while_serve_runs_on_an_embedded_store_is_a_clear_error(tmp_path,
     after = subprocess.run(ingest, capture_output=True, text=True, timeout=300, env=_env())
     assert after.returncode == 0, after.stderr
     assert json.loads(after.stdout)["unchanged"] == len(pd.read_csv(catalog))
+
+
+def test_a_binary_code_gets_no_graph_and_is_searched_exactly(store: Store) -> None:
+    # The phash encoder's vector is a binary code: its collection vector has no HNSW graph but
+    # 1-bit quantization (half the index build at ingest's end), and a search on it finds every
+    # code above the threshold, ties among identical codes included (a graph loses some).
+    from prodsearch.encoders import PhashEncoder
+    from prodsearch.encoders.phash import phash_vector
+
+    assert PhashEncoder.binary and PhashEncoder().binary
+    manifest = Manifest(
+        vectors={"phash": {"dim": 64, "distance": "dot", "binary": True}},
+        encoders={"phash": {"name": "p", "version": "1", "weights_sha256": "", "params": {}}},
+    )
+    assert [s.binary for s in manifest.specs()] == [True]
+    store.create_collection("codes", manifest)
+    rng = np.random.default_rng(1)
+    codes = [f"{int(rng.integers(0, 2**63)):016x}" for _ in range(40)]
+    points = [
+        PointRecord(point_id(f"p{i}"), {"phash": phash_vector(codes[i % 40])}, {"i": i})
+        for i in range(400)  # every code ten times: ties
+    ]
+    store.upsert("codes", points)
+    store.build_index("codes")
+    query = phash_vector(codes[3])
+    found = store.query_batch(
+        "codes",
+        [FusedQuery([ModalityQuery("phash", query, 0.9, 50)], Fusion("rrf"), limit=50)],
+    )[0]
+    expected = {point_id(f"p{i}") for i in range(400) if i % 40 == 3}
+    assert {hit.point_id for hit in found} == expected
+    if isinstance(store, EdgeStore):
+        config = json.loads((store._dir("codes") / "shard" / "edge_config.json").read_text())
+        vector = config["vectors"]["phash"]
+        assert vector["hnsw_config"]["m"] == 0 and "binary" in vector["quantization_config"]
+    else:
+        assert isinstance(store, ClientStore)
+        params = store.client.get_collection("codes").config.params.vectors["phash"]
+        assert params.hnsw_config.m == 0 and params.quantization_config.binary is not None

@@ -113,7 +113,14 @@ class Index:
     def expected_manifest(self) -> Manifest:
         """Return the manifest a collection written by these encoders has."""
         return Manifest(
-            vectors={e.modality: {"dim": e.dim, "distance": e.distance} for e in self.encoders},
+            vectors={
+                e.modality: {
+                    "dim": e.dim,
+                    "distance": e.distance,
+                    **({"binary": True} if e.binary else {}),
+                }
+                for e in self.encoders
+            },
             encoders={name: i.as_dict() for name, i in self.encoders.identities().items()},
         )
 

@@ -5,8 +5,9 @@ Every product maps to a fixed point id, and its payload carries a hash of its co
 resumes where the previous run stopped without duplicates; changed products are replaced whole
 (all named vectors and payload in one upsert), so a point is never half-written.
 
-Pipelined: a reader thread reads, hashes, checks against the store and decodes batch k+1 while
-the main thread encodes and upserts batch k. Catalog ids are unique, so the two batches never
+Pipelined: a reader thread reads, hashes, checks against the store, decodes and runs the encoders
+that need no network (chars, phash) for batch k+1 while the main thread runs the networks and
+upserts batch k. Catalog ids are unique, so the two batches never
 share a point, and the upserts still happen in catalog order, one batch at a time.
 """
 
@@ -38,7 +39,7 @@ from rich.progress import (
 from rich.text import Text
 
 from prodsearch.catalog import Catalog, CatalogRow, Rejection
-from prodsearch.encoders import EncoderInput, EncoderSet
+from prodsearch.encoders import EncoderInput, EncoderSet, Vector
 from prodsearch.encoders.phash import compute_phash
 from prodsearch.errors import ImageError
 from prodsearch.images import load_image
@@ -192,12 +193,15 @@ def _batches(rows: Sequence[CatalogRow], size: int) -> Iterator[Sequence[Catalog
 
 @dataclass
 class ReadBatch:
-    """One batch of catalog rows read, hashed, checked against the store and decoded: all the
-    work before encoding, which the reader thread does ahead of the encoding thread."""
+    """One batch of catalog rows read, hashed, checked against the store, decoded and encoded
+    by the encoders that run no network: all the work before the networks, which the reader
+    thread does ahead of the encoding thread."""
 
     rows: int
     items: list[_Prepared]
     inputs: list[EncoderInput]
+    #: per item, the vectors of the encoders that run no network
+    vectors: list[dict[str, Vector]]
     unchanged: int
     rejections: list[Rejection]
     #: every readable product of the batch, in catalog order
@@ -218,10 +222,11 @@ def read_batch(
     encoders: EncoderSet,
     max_pixels: int,
 ) -> ReadBatch:
-    """One batch's work before encoding: read each row's image, hash the row, keep the rows whose
-    hash differs from the stored one (`stored`: product ids -> their stored content hashes),
-    decode their images and prepare the encoders' inputs. Unreadable and undecodable images
-    become rejections. Local and Ray ingest both call it, per batch."""
+    """One batch's work before the networks: read each row's image, hash the row, keep the rows
+    whose hash differs from the stored one (`stored`: product ids -> their stored content
+    hashes), decode their images, prepare the encoders' inputs and run the encoders that need
+    no network. Unreadable and undecodable images become rejections. Local and Ray ingest both
+    call it, per batch."""
     rejections: list[Rejection] = []
     prepared: list[_Prepared] = []
     for row in rows:
@@ -251,7 +256,9 @@ def read_batch(
         for given in encoders.prepare(inputs)
     ]
     ids = [p.row.product_id for p in prepared]
-    return ReadBatch(len(rows), kept, inputs, len(prepared) - len(changed), rejections, ids)
+    vectors = encoders.encode(inputs, neural=False)
+    unchanged = len(prepared) - len(changed)
+    return ReadBatch(len(rows), kept, inputs, vectors, unchanged, rejections, ids)
 
 
 def check_images(catalog: Catalog, max_pixels: int) -> Catalog:
@@ -298,11 +305,14 @@ def _store_batch(
 
 
 def batch_products(encoders: EncoderSet, batch: ReadBatch) -> list[Product]:
-    """Encode a read batch's changed rows: the products to upsert (named vectors + payload)."""
-    vectors = encoders.encode(batch.inputs)
+    """Encode a read batch's changed rows with the networks: the products to upsert (named
+    vectors, the reader's among them, + payload)."""
+    vectors = encoders.encode(batch.inputs, neural=True)
     return [
-        Product(item.row.product_id, _payload(item, given.phash), item_vectors)
-        for item, given, item_vectors in zip(batch.items, batch.inputs, vectors, strict=True)
+        Product(item.row.product_id, _payload(item, given.phash), {**light, **heavy})
+        for item, given, light, heavy in zip(
+            batch.items, batch.inputs, batch.vectors, vectors, strict=True
+        )
     ]
 
 

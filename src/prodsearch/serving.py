@@ -147,8 +147,9 @@ class _Job:
 
 
 class BatchingEncoders(EncoderSet):
-    """The encoders of `inner`, with `encode` calls from many threads merged into batches of up
-    to `max_batch` items by one worker thread. Call `close()` to stop the worker."""
+    """The encoders of `inner`, with the networks' `encode` calls from many threads merged into
+    batches of up to `max_batch` items by one worker thread (the encoders that run no network
+    run in the calling thread). Call `close()` to stop the worker."""
 
     def __init__(self, inner: EncoderSet, max_batch: int = 32) -> None:
         super().__init__(inner.encoders)
@@ -157,15 +158,22 @@ class BatchingEncoders(EncoderSet):
         self._worker = threading.Thread(target=self._run, name="prodsearch-encode", daemon=True)
         self._worker.start()
 
-    def encode(self, items: Sequence[EncoderInput]) -> list[dict[str, Vector]]:
-        """Return, per item, its vectors keyed by vector name (waits for the worker's batch)."""
+    def encode(
+        self, items: Sequence[EncoderInput], neural: bool | None = None
+    ) -> list[dict[str, Vector]]:
+        """Return, per item, its vectors keyed by vector name (waits for the worker's batch of
+        the networks' vectors); `neural` as `EncoderSet.encode`."""
         if not items:
             return []
-        if not self._worker.is_alive():  # closed: nobody would answer the queue
-            return super().encode(items)
+        if neural is False or not self._worker.is_alive():  # closed: nobody would answer
+            return super().encode(items, neural)
         job = _Job(list(items))
         self._jobs.put(job)
-        return job.result.result()
+        heavy = job.result.result()
+        if neural:
+            return heavy
+        light = super().encode(items, neural=False)
+        return [{**a, **b} for a, b in zip(light, heavy, strict=True)]
 
     def close(self) -> None:
         """Stop the worker once the calls already queued are answered."""
@@ -192,7 +200,7 @@ class BatchingEncoders(EncoderSet):
 
     def _encode(self, batch: list[_Job]) -> None:
         try:
-            vectors = super().encode([item for job in batch for item in job.items])
+            vectors = super().encode([item for job in batch for item in job.items], neural=True)
         except Exception as exc:
             if len(batch) == 1:
                 batch[0].result.set_exception(exc)

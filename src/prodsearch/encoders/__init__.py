@@ -123,12 +123,17 @@ class EncoderSet:
             prepared = encoder.prepare(prepared)
         return prepared
 
-    def encode(self, items: Sequence[EncoderInput]) -> list[dict[str, Vector]]:
-        """Return, per item, its vectors keyed by vector name (missing inputs leave gaps)."""
+    def encode(
+        self, items: Sequence[EncoderInput], neural: bool | None = None
+    ) -> list[dict[str, Vector]]:
+        """Return, per item, its vectors keyed by vector name (missing inputs leave gaps);
+        `neural` True (False) runs only the encoders that run (do not run) a network."""
         per_item: list[dict[str, Vector]] = [{} for _ in items]
         if not items:
             return per_item
         for name, encoder in self.encoders.items():
+            if neural is not None and encoder.neural != neural:
+                continue
             for vectors, vector in zip(per_item, encoder.encode(items), strict=True):
                 if vector is not None:
                     vectors[name] = vector

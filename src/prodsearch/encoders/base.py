@@ -68,6 +68,11 @@ class Encoder(ABC):
     #: dense dimension, or None for a sparse vector
     dim: int | None
     distance: Distance = "cosine"
+    #: the vector is a binary code (each dimension one of two values): the engine searches it
+    #: by brute force over 1-bit quantized codes, with no HNSW graph (`store.base.VectorSpec`)
+    binary: bool = False
+    #: a network computes it (the costly encoders: ingest runs the others on its reader thread)
+    neural: bool = False
 
     @property
     def sparse(self) -> bool:

@@ -44,6 +44,7 @@ class PhashEncoder(Encoder):
     modality = "phash"
     dim = BITS
     distance = "dot"
+    binary = True
 
     def identity(self) -> EncoderIdentity:
         """Return the hash scheme (no weights: the hash is a fixed algorithm)."""

@@ -97,6 +97,7 @@ class NeuralEncoder(Encoder):
     """
 
     inference: InferenceOptions
+    neural = True
     #: the variant "auto" picks: the fastest one whose mean cosine to torch is >= 0.99
     auto_precision: Literal["fp32", "int8"] = "fp32"
     #: cached attributes that hold torch modules (dropped after an export under ONNX)

@@ -179,9 +179,7 @@ def pair_probabilities(
     frame = table.frame.iloc[scored.rows]
     low = np.minimum(frame["a"].to_numpy(), frame["b"].to_numpy())
     high = np.maximum(frame["a"].to_numpy(), frame["b"].to_numpy())
-    best = (
-        pd.DataFrame({"a": low, "b": high, "p": probability}).groupby(["a", "b"])["p"].max()
-    )
+    best = pd.DataFrame({"a": low, "b": high, "p": probability}).groupby(["a", "b"])["p"].max()
     keys = pd.MultiIndex.from_arrays([pairs.frame["a"], pairs.frame["b"]])
     return best.reindex(keys).fillna(0.0).to_numpy(dtype=np.float64)
 

@@ -28,11 +28,18 @@ def point_id(product_id: str) -> str:
 
 @dataclass(frozen=True)
 class VectorSpec:
-    """One named vector of a collection: dense with `dim`, or sparse (dim None, IDF modifier)."""
+    """One named vector of a collection: dense with `dim`, or sparse (dim None, IDF modifier).
+
+    A `binary` dense vector (a perceptual hash: each dimension +-1/8) gets no HNSW graph but 1-bit
+    binary quantization: the engine compares every code (a 64-bit XOR and popcount each,
+    rescored exactly), which is exact and, on Shopee's 34k phashes, faster than the graph
+    (0.52 vs 0.76 ms a query) and half of the HNSW build's time at ingest's end: ties between
+    identical hashes make a graph slow to build and lossy (QDRANT.md, "Scale")."""
 
     name: str
     dim: int | None
     distance: Distance
+    binary: bool = False
 
 
 @dataclass(frozen=True)
@@ -54,7 +61,10 @@ class Manifest:
 
     def specs(self) -> list[VectorSpec]:
         """Return the collection's vector specs."""
-        return [VectorSpec(n, v["dim"], v["distance"]) for n, v in self.vectors.items()]
+        return [
+            VectorSpec(n, v["dim"], v["distance"], bool(v.get("binary", False)))
+            for n, v in self.vectors.items()
+        ]
 
     def check_encoders(self, current: dict[str, dict[str, Any]], collection: str) -> None:
         """Raise EncoderMismatchError unless `current` equals the recorded encoders."""

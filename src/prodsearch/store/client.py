@@ -29,6 +29,13 @@ from prodsearch.store.base import (
 T = TypeVar("T")
 _DISTANCES = {"cosine": models.Distance.COSINE, "dot": models.Distance.DOT}
 _DATATYPES = {"float16": models.Datatype.FLOAT16, "float32": models.Datatype.FLOAT32}
+#: a binary code's vector parameters (`VectorSpec.binary`): no HNSW graph, 1-bit quantization
+_BINARY_CODE: dict[str, Any] = {
+    "hnsw_config": models.HnswConfigDiff(m=0),
+    "quantization_config": models.BinaryQuantization(
+        binary=models.BinaryQuantizationConfig(always_ram=True)
+    ),
+}
 #: How new collections store their dense vectors on a server: float16 halves the vectors' RAM and
 #: disk with no measured recall loss (QDRANT.md, "Scale"). Local mode records it but stores float32.
 DEFAULT_DENSE_DATATYPE = "float16"
@@ -170,6 +177,7 @@ class ClientStore(Store):
                 size=s.dim,
                 distance=_DISTANCES[s.distance],
                 datatype=_DATATYPES[self.dense_datatype],
+                **(_BINARY_CODE if s.binary else {}),
             )
             for s in manifest.specs()
             if s.dim is not None

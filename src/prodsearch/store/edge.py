@@ -33,6 +33,12 @@ from prodsearch.store.base import (
 
 T = TypeVar("T")
 _DISTANCES = {"cosine": qe.Distance.Cosine, "dot": qe.Distance.Dot}
+#: a binary code's vector parameters (`VectorSpec.binary`): no HNSW graph (m 0; the other two
+#: fields are required and unused), 1-bit quantization
+_BINARY_CODE: dict[str, Any] = {
+    "hnsw_config": qe.HnswIndexConfig(m=0, ef_construct=100, full_scan_threshold=10000),
+    "quantization_config": qe.BinaryQuantizationConfig(always_ram=True),
+}
 _DATATYPES = {
     "float16": qe.VectorStorageDatatype.Float16,
     "float32": qe.VectorStorageDatatype.Float32,
@@ -290,7 +296,10 @@ class EdgeStore(Store):
     def _config(manifest: Manifest, dense_datatype: str) -> qe.EdgeConfig:
         dense = {
             s.name: qe.EdgeVectorParams(
-                size=s.dim, distance=_DISTANCES[s.distance], datatype=_DATATYPES[dense_datatype]
+                size=s.dim,
+                distance=_DISTANCES[s.distance],
+                datatype=_DATATYPES[dense_datatype],
+                **(_BINARY_CODE if s.binary else {}),
             )
             for s in manifest.specs()
             if s.dim is not None
