@@ -99,6 +99,22 @@ def test_relative_features_follow_their_definition() -> None:
     np.testing.assert_allclose(column["code_both"], 0)
 
 
+def test_a_product_without_a_modality_is_missing_from_its_blended_cosine() -> None:
+    # d has no text vector (a photo-only listing): its pairs' blended text is unknown, not 0
+    # ("different"); the pairs of products that both have one keep their cosine
+    text = HAND_MADE_TEXT.copy()
+    text[3] = 0
+    features = pair_features(
+        hand_made_table(),
+        dense={"text": text},
+        titles=HAND_MADE_TITLES,
+        stats=CatalogStats.of(HAND_MADE_TITLES),
+    )
+    blended = features[:, feature_names().index("blended_text")]  # a-b a-c b-a c-d d-c
+    assert np.isnan(blended[3:]).all()
+    assert np.isfinite(blended[:3]).all() and blended[0] > 0.9
+
+
 def test_model_codes_are_read_off_titles() -> None:
     assert title_codes("Sony Bravia KDL-46V5100 46in LCD TV 2009") == {"kdl46v5100"}
     assert title_codes("Samsung 32GB microSD 1920x1080 500ml") == frozenset()

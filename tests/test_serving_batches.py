@@ -53,14 +53,14 @@ def test_a_bad_request_fails_with_its_own_error_and_the_others_get_their_vectors
         with ThreadPoolExecutor(len(GOOD) + 2) as pool:
             # A long first job keeps the worker busy while the others queue up: they are taken
             # as one batch, which the bad input fails, and each is then encoded alone.
-            busy = pool.submit(batching.encode, [EncoderInput(title=t) for t in TITLES * 20])
+            busy = pool.submit(batching.encode, [EncoderInput(title=t) for t in TITLES * 100])
             good = [pool.submit(batching.encode, items) for items in GOOD]
             failing = pool.submit(batching.encode, BAD)
             deadline = time.monotonic() + 30
             while batching._jobs.qsize() < len(GOOD) + 1 and time.monotonic() < deadline:
                 time.sleep(0.001)
             assert not busy.done(), "the others were queued while the worker was busy"
-            assert len(busy.result()) == len(TITLES) * 20
+            assert len(busy.result()) == len(TITLES) * 100
             with pytest.raises(type(expected)) as raised:
                 failing.result()
             assert str(raised.value) == str(expected)

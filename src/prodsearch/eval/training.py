@@ -3,13 +3,16 @@
 A source is one labelled catalog family (Shopee; each product_pairs set; Grocery Store photos,
 the one with images: its catalogue image of each product beside untitled shop photos, and one
 photo per product). Its fit catalogs come
-in three structures, so the model meets several "offers per product" regimes (README, Transfer):
+in several structures, so the model meets several "offers per product" regimes (README, Transfer):
 - Shopee: `val` with `train` groups as distractors (groups of 2-50 listings), and `val` cut to
   at most 2 listings per group (one listing per product and source, like a two-shop catalog);
 - a product_pairs set: every record of its `train.txt` (pair labels: labelled pairs keep their
   label, pairs inside one chain of positive labels are the same product, the other candidate
   pairs are not fitted on), and the records of its positive pairs alone (every candidate pair
   labelled by the chains: a mostly-pairs catalog);
+- Shopee's two listings per group again, one listing in three cut to its title and one in
+  three to its photo: duplicates that do not share every modality (a title-only query beside a
+  listing with a photo);
 - and for each: one listing per product (Shopee `val`'s groups; a set's chains of positives), a
   catalog without a duplicate, where every candidate pair is a different product: a product's
   nearest neighbour is then not its duplicate, however mutual, so the model learns what the
@@ -291,7 +294,33 @@ def _shopee(data: Path, part: str, store: Index, console: Console) -> list[Label
         _split_collection("shopee-fit", val),
         LabelledCollection("shopee-fit-pairs", index, products, groups=groups),
         _singles(store, "shopee-fit-singles", two, groups, console),
+        _mixed(store, "shopee-fit-mixed", two, groups, console),
     ]
+
+
+def _mixed(
+    store: Index,
+    name: str,
+    rows: Sequence[CatalogRow],
+    groups: Mapping[str, object],
+    console: Console,
+) -> LabelledCollection:
+    """`rows` with one listing in three cut to its title (no photo) and one in three to its
+    photo (no title), chosen by a hash of the id: a catalog whose duplicates do not share every
+    modality (a title-only query beside listings with photos; photo-only shop listings)."""
+    mixed = []
+    for row in rows:
+        kind = hashlib.sha1(row.product_id.encode()).digest()[0] % 3
+        if kind == 1:
+            row = row.model_copy(update={"image_path": None, "image_bytes": None, "phash": None})
+        elif kind == 2:
+            row = row.model_copy(update={"title": None})
+        mixed.append(row)
+    index = Index(store.store, name, store.settings, store.encoders)
+    products = ingest_labelled(index, mixed, console)
+    return LabelledCollection(
+        name, index, products, groups={r.product_id: groups[r.product_id] for r in mixed}
+    )
 
 
 def _grocery(data: Path, part: str, store: Index, console: Console) -> list[LabelledCollection]:

@@ -14,7 +14,8 @@ catalogs decides on another (README, "Transfer"):
   `NEIGHBOURS` best candidates by fused score);
 - `blended_<m>` for each blended modality: the cosine of the two products' blended vectors
   (`blend.blend` over each product's mutual `NEIGHBOURS` best candidates), i.e. neighbourhood
-  blending as a feature;
+  blending as a feature (missing where either product has no vector of m: a title-only query
+  beside a listing with a photo is not "different" by image);
 - from the second stage of the stacked model on, graph features of the previous stage's
   probabilities (`STAGE_FEATURES`, `stage_features`).
 A signal or modality a catalog lacks is missing (NaN) in every feature it feeds: one model
@@ -117,8 +118,9 @@ def pair_features(
 ) -> np.ndarray:
     """The feature matrix: one row per pair, columns `feature_names()`, NaN where a signal is
     missing. `dense[m]` holds each product's vector of modality m (rows in `table.ids` order,
-    zeros where a product has none; a modality absent from `dense` is missing); `titles` each
-    product's title ("" when it has none); `stats` the whole catalog's."""
+    zeros where a product has none: its pairs' blended cosine is missing, not 0; a modality absent
+    from `dense` is missing for every pair); `titles` each product's title ("" when it has none);
+    `stats` the whole catalog's."""
     a, b = table.a, table.b
     columns = [signal_features(table, s, stats.quantiles.get(s)) for s in SIGNALS]
     columns.append(code_features(titles, a, b))
@@ -137,7 +139,9 @@ def pair_features(
     for modality in MODEL_BLENDED:
         if modality in dense:
             blended = blend(table, modality, dense[modality], mutual)
-            columns.append(row_dots(blended, a, b)[:, None])
+            present = np.linalg.norm(dense[modality], axis=1) > 0
+            cosine = np.where(present[a] & present[b], row_dots(blended, a, b), np.nan)
+            columns.append(cosine[:, None])
         else:
             columns.append(np.full((len(table), 1), np.nan))
     return np.column_stack(columns).astype(np.float32)
