@@ -3,10 +3,16 @@ checkpoint that covers every input that changes its result."""
 
 from __future__ import annotations
 
+import pandas as pd
+
+from prodsearch.catalog import read_catalog
 from prodsearch.index import Index, Product
-from prodsearch.matching.candidates import RelativeFilters, collect_candidates
+from prodsearch.ingest import ingest_catalog
+from prodsearch.matching.candidates import RelativeFilters, collect_candidates, neighbourhood
 from prodsearch.matching.dedup import default_search
 from prodsearch.matching.table import PairTable
+from prodsearch.recipes import load_recipe
+from prodsearch.settings import Settings
 
 from .conftest import reconfigured
 
@@ -94,3 +100,23 @@ def test_relative_filters_run_in_the_engine(catalog_index) -> None:
         mine, theirs = payloads[table.ids[a]], payloads[table.ids[b]]
         assert theirs["category"] == mine["category"] and theirs["seller"] != mine["seller"]
         assert mine["price"] * 0.5 <= theirs["price"] <= mine["price"] * 1.5
+
+
+def test_a_limited_neighbourhood_keeps_every_candidate_tied_at_its_cut(tmp_path, encoders) -> None:
+    """Asking the engine for each list's best few gives the table those lists hold in full:
+    among 30 listings with one title (every score tied) the cut falls by product id, as in the
+    whole list, not where the engine stopped."""
+    titles = ["Oatly oat drink 1L"] * 30 + [f"Arla milk {n} dl" for n in range(10)]
+    rows = [{"id": f"p{i:02d}", "title": t} for i, t in enumerate(titles)]
+    path = tmp_path / "ties.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    index = Index(str(tmp_path / "store"), "ties", Settings(), encoders)
+    ingest_catalog(index, read_catalog(path, load_recipe("generic")))
+    search = default_search(index)
+    for pid in ("p17", "p33"):
+        (product,) = index.products([pid], with_vectors=True)
+        whole = neighbourhood(index, product, search, 3).table.top(5)[0]
+        for _ in range(3):
+            limited = neighbourhood(index, product, search, 3, limit=5).table.top(5)[0]
+            assert pair_set(limited) == pair_set(whole)
+    index.close()

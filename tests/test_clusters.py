@@ -13,14 +13,14 @@ import pytest
 from prodsearch.catalog import read_catalog
 from prodsearch.index import Index
 from prodsearch.ingest import ingest_catalog
-from prodsearch.matching.assign import Assigner
+from prodsearch.matching.assign import Assigner, ProductDecider
 from prodsearch.matching.cluster_log import ClusterLog, new_cluster_id
 from prodsearch.matching.clusters import carry_forward, store_clusters
 from prodsearch.matching.dedup import run_dedup
 from prodsearch.recipes import load_recipe
 from prodsearch.settings import Settings
 
-from .generated import listings
+from .generated import labelled_catalog, listings
 
 
 def test_unchanged_clusters_keep_their_ids_and_changes_are_recorded() -> None:
@@ -131,3 +131,35 @@ def test_proposed_merges_are_decided_once(tmp_path: Path) -> None:
     assert log.pending_merges() == [] and log.member("b").cluster_id == "c-1"
     assert log.sizes() == {"c-1": 4, "c-3": 1}
     log.close()
+
+
+def test_one_products_verdicts_are_the_whole_catalogs_decisions(tmp_path: Path, encoders) -> None:
+    """A stored product decided alone (its neighbourhood, as an assignment decides it) gets the
+    probabilities the whole-catalog dedup gives the same pairs, though it asks the engine for
+    only each list's best candidates the model reads."""
+    frame = labelled_catalog(40, seed=3)
+    index = Index(str(tmp_path / "store"), "products", Settings(), encoders)
+    ingest_generated(index, tmp_path / "catalog.csv", frame)
+    table = run_dedup(index).table
+    whole = dict(
+        zip(
+            zip(table.a.tolist(), table.b.tolist(), strict=True),
+            table.column("probability").tolist(),
+            strict=True,
+        )
+    )
+    position = {pid: i for i, pid in enumerate(table.ids)}
+    decider = ProductDecider(index)
+    alone, together = [], []
+    for product in index.products(list(frame["id"][::4]), with_vectors=True):
+        for verdict in decider.verdicts(product):
+            pair = (position[product.product_id], position[verdict.product_id])
+            alone.append(verdict.probability)
+            together.append(whole[pair])
+    alone_p, together_p = np.array(alone, dtype=float), np.array(together, dtype=float)
+    assert len(alone_p) > 100 and not np.isnan(alone_p).any()
+    assert np.corrcoef(alone_p, together_p)[0, 1] > 0.98
+    minimum = index.settings.dedup.pair_model.min_probability
+    same_decision = (alone_p >= minimum) == (together_p >= minimum)
+    assert same_decision.mean() >= 0.97
+    index.close()

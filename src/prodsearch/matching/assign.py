@@ -96,7 +96,9 @@ class ProductDecider:
     def verdicts(self, product: Product, stored: bool = True) -> list[Verdict]:
         """The verdicts on the product's `DEPTH` best candidates, most probable first (a query
         the collection does not hold: `stored` False)."""
-        found = neighbourhood(self.index, product, self.search, DEPTH, stored=stored)
+        found = neighbourhood(
+            self.index, product, self.search, DEPTH, stored=stored, limit=MODEL_CANDIDATES
+        )
         table = found.table
         queried = np.unique(table.a)
         mine = (table.a == 0) & np.isin(table.b, queried)
@@ -106,6 +108,7 @@ class ProductDecider:
         rows = np.flatnonzero(mine)
         probability = table.column("probability")
         key = np.nan_to_num(probability[rows], nan=0.0) + table.fused[rows] * 1e-6
+        scores = {m: table.scores(m) for m in table.modalities()}
         out = []
         for row in rows[np.argsort(-key, kind="stable")]:
             p = probability[row]
@@ -116,9 +119,9 @@ class ProductDecider:
                     probability=None if np.isnan(p) else round(float(p), 4),
                     fused=round(float(table.fused[row]), 4),
                     scores={
-                        m: round(float(table.scores(m)[row]), 4)
-                        for m in table.modalities()
-                        if not np.isnan(table.scores(m)[row])
+                        m: round(float(v[row]), 4)
+                        for m, v in scores.items()
+                        if not np.isnan(v[row])
                     },
                     rule=str(table.frame["rule"].iat[row]),
                 )

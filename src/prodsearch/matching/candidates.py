@@ -12,19 +12,21 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from prodsearch.filters import Condition, FilterSpec, Range
 from prodsearch.index import Index, Match, Product
 from prodsearch.matching.checkpoint import Checkpoint
-from prodsearch.matching.table import PairTable, candidate_order
+from prodsearch.matching.table import SCORE_DECIMALS, PairTable, candidate_order
 from prodsearch.query import MatchOptions
 from prodsearch.settings import MODALITIES, SearchSettings
 
 #: products per batched engine request
 BATCH_SIZE = 256
+#: candidates asked beyond a neighbourhood's `limit` (`_best`): room for ties at its cut
+TIE_MARGIN = 10
 
 
 @dataclass(frozen=True)
@@ -112,24 +114,22 @@ def neighbourhood(
     depth: int,
     filters: RelativeFilters = RelativeFilters(),
     stored: bool = True,
+    limit: int | None = None,
 ) -> Neighbourhood:
     """The neighbourhood table of a product (`product_id` first in the table's ids): its
     candidates, then the candidates of its `depth` best (by fused score), in two batched engine
     requests. A product the collection does not hold (`stored` False: a query) is added to its
     best candidates' lists as the engine would have found it there (the pair's scores are
-    symmetric)."""
+    symmetric). `limit`: each list's best candidates by fused score kept (default: every hit of
+    every prefetch, as `collect_candidates` keeps them); a decision that reads only each
+    product's best N asks for those (and any tied with the N-th: `_best`), and the engine
+    returns and scores no more."""
     options = candidate_options(index, search)
-    (first,) = index.match_vectors(
-        [product.vectors], options, [filters.for_product(product.payload)]
-    )
+    (first,) = _best(index, [product], options, filters, limit and max(limit, depth))
     first = [m for m in first if m.product_id != product.product_id]
     nearest = sorted(first, key=candidate_order)[:depth]
     neighbours = index.products([m.product_id for m in nearest], with_vectors=True)
-    found = index.match_vectors(
-        [p.vectors for p in neighbours],
-        options,
-        [filters.for_product(p.payload) for p in neighbours],
-    )
+    found = _best(index, neighbours, options, filters, limit)
     by_id = {m.product_id: m for m in nearest}
     for neighbour, matches in zip(neighbours, found, strict=True):
         if not stored:
@@ -144,6 +144,38 @@ def neighbourhood(
     # the product first, the others by id: the engine's order of tied candidates never shows
     payloads = {product.product_id: product.payload, **dict(sorted(others.items()))}
     return Neighbourhood(PairTable.from_matches(list(payloads), results), payloads, product)
+
+
+def _best(
+    index: Index,
+    products: Sequence[Product],
+    options: MatchOptions,
+    filters: RelativeFilters,
+    limit: int | None,
+) -> list[list[Match]]:
+    """Each product's candidates: all of them (`limit` None), or at least its `limit` best by
+    fused score with every candidate tied with the last of those (`candidate_order` breaks ties
+    by id, so a list cut among tied scores would differ from run to run): `limit` + TIE_MARGIN
+    asked, and a list that ends in a tie with its cut asked again whole."""
+    if limit is None:
+        return batch_matches(index, products, options, filters)
+    asked = replace(options, k=limit + TIE_MARGIN)
+    found = batch_matches(index, products, asked, filters)
+    cut = [i for i, matches in enumerate(found) if _ends_in_a_tie(matches, limit, asked.k)]
+    if cut:
+        again = batch_matches(index, [products[i] for i in cut], options, filters)
+        for i, matches in zip(cut, again, strict=True):
+            found[i] = matches
+    return found
+
+
+def _ends_in_a_tie(matches: Sequence[Match], limit: int, asked: int | None) -> bool:
+    """Whether the engine may have left out candidates tied with the `limit`-th best (counting
+    the product itself, which its own list may hold)."""
+    if len(matches) < (asked or 0):
+        return False
+    scores = sorted((round(m.score, SCORE_DECIMALS) for m in matches), reverse=True)
+    return scores[-1] >= scores[min(limit, len(scores) - 1)]
 
 
 def _matches(
