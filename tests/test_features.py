@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from prodsearch.encoders.base import SparseVec
@@ -23,7 +24,7 @@ from prodsearch.matching.relative import (
     title_codes,
     token_features,
 )
-from prodsearch.matching.table import PairTable
+from prodsearch.matching.table import PairTable, group_rank
 
 
 def hand_made_table() -> PairTable:
@@ -62,6 +63,17 @@ def test_the_table_ranks_each_products_candidates() -> None:
     np.testing.assert_allclose(table.column("gap"), [0, 1.0, 0, 0, 0])
     np.testing.assert_allclose(table.reverse(table.fused), [1.4, np.nan, 1.5, 0.85, 0.9])
     assert table.modalities() == ["text", "chars", "phash"]
+
+
+@pytest.mark.parametrize("ties", ["first", "average"])
+def test_group_rank_is_pandas_descending_group_rank(ties: str) -> None:
+    rng = np.random.default_rng(0)
+    groups = rng.integers(0, 40, 2000)
+    values = rng.integers(0, 6, 2000).astype(np.float64) / 5  # many ties
+    values[rng.random(2000) < 0.1] = np.nan
+    expected = pd.Series(values).groupby(groups).rank(ascending=False, method=ties).to_numpy()
+    np.testing.assert_array_equal(group_rank(groups, values, ties=ties), expected)
+    assert group_rank(np.zeros(0, dtype=np.int64), np.zeros(0)).shape == (0,)
 
 
 def test_relative_features_follow_their_definition() -> None:

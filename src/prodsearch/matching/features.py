@@ -28,7 +28,6 @@ import re
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-import pandas as pd
 import scipy.sparse as sp
 
 from prodsearch.index import Product
@@ -43,7 +42,7 @@ from prodsearch.matching.relative import (
     signal_names,
     token_features,
 )
-from prodsearch.matching.table import PairTable
+from prodsearch.matching.table import PairTable, group_rank
 
 #: the modalities the pair model blends (its image vectors are the fine-tuned head's)
 MODEL_BLENDED = ("text", "image")
@@ -132,7 +131,7 @@ def pair_features(
         )
     )
     columns.append(token_features(titles, a, b, stats))
-    rank = pd.Series(table.fused).groupby(a).rank(ascending=False, method="first").to_numpy()
+    rank = group_rank(a, table.fused)
     close = rank <= NEIGHBOURS
     columns.append(_neighbour_jaccard(table, close)[:, None])
     mutual = close & (table.reverse(rank) <= NEIGHBOURS)
@@ -190,7 +189,7 @@ def stage_features(table: PairTable, previous: np.ndarray) -> np.ndarray:
             row_dots(probable, a, b),
             sizes[a],
             sizes[b],
-            pd.Series(previous).groupby(a).rank(ascending=False).to_numpy(),
+            group_rank(a, previous, ties="average"),
             best_of[a] - previous,
             np.nan_to_num(best_of[b] - previous, nan=-1.0),
         ]

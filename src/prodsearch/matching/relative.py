@@ -33,9 +33,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
-import pandas as pd
 
-from prodsearch.matching.table import PairTable
+from prodsearch.matching.table import PairTable, group_rank
 
 #: the modalities whose scores the pair model reads (the opt-in char-CNN is not among them),
 #: then the fused score; a signal a catalog lacks is missing (NaN) in every feature
@@ -95,10 +94,7 @@ def signal_features(
     if np.isnan(v).all():
         return np.full((len(table), len(SIGNAL_FEATURES)), np.nan)
     a, b = table.a, table.b
-    order = pd.DataFrame({"a": a, "v": v}).sort_values(["a", "v"], ascending=[True, False])
-    rank = np.empty(len(v))
-    rank[order.index.to_numpy()] = order.groupby("a").cumcount().to_numpy() + 1
-    rank[np.isnan(v)] = np.nan
+    rank = group_rank(a, v)
     count = np.bincount(a[~np.isnan(v)], minlength=len(table.ids)).astype(np.float64)
     reverse_rank = table.reverse(rank)
     reverse_rank = np.where(np.isnan(reverse_rank), count[b] + 1, reverse_rank)

@@ -62,6 +62,31 @@ def candidate_rows(pid: str, matches: Sequence[Any]) -> list[tuple[str, float, l
     ]
 
 
+def group_rank(groups: np.ndarray, values: np.ndarray, ties: str = "first") -> np.ndarray:
+    """Each value's rank among its group's values, 1 for the largest (pandas' descending
+    `groupby().rank()`, without its per-call cost on the small tables an assignment builds);
+    NaN stays NaN. `ties`: "first" (tied values ranked in row order) or "average"."""
+    v = np.asarray(values, dtype=np.float64)
+    out = np.full(len(v), np.nan)
+    known = np.flatnonzero(~np.isnan(v))
+    if not len(known):
+        return out
+    g = np.asarray(groups, dtype=np.int64)[known]
+    order = np.lexsort((-v[known], g))  # stable: tied values keep their row order
+    sorted_groups, sorted_values = g[order], v[known][order]
+    starts = np.flatnonzero(np.r_[True, np.diff(sorted_groups) != 0])
+    sizes = np.diff(np.r_[starts, len(order)])
+    rank = np.arange(len(order)) - np.repeat(starts, sizes) + 1.0
+    if ties == "average":
+        new_run = np.r_[True, (np.diff(sorted_groups) != 0) | (np.diff(sorted_values) != 0)]
+        run = np.cumsum(new_run) - 1
+        rank = (np.bincount(run, weights=rank) / np.bincount(run))[run]
+    elif ties != "first":
+        raise ValueError(f"ties must be 'first' or 'average', not {ties!r}")
+    out[known[order]] = rank
+    return out
+
+
 @dataclass
 class PairTable:
     """Every product's candidates as one table (see the module docstring for its columns)."""
@@ -92,9 +117,11 @@ class PairTable:
                 },
             }
         )
-        by_product = frame.groupby("a")["fused"]
-        frame["rank"] = by_product.rank(ascending=False).to_numpy()
-        frame["gap"] = (by_product.transform("max") - frame["fused"]).to_numpy()
+        a, fused = frame["a"].to_numpy(), frame["fused"].to_numpy()
+        frame["rank"] = group_rank(a, fused, ties="average")
+        best = np.full(len(ids), np.nan)
+        np.fmax.at(best, a, fused)
+        frame["gap"] = best[a] - fused if n else np.zeros(0)
         return cls(list(ids), frame)
 
     @classmethod
