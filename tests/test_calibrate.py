@@ -1,9 +1,11 @@
 """The catalog's calibration (`matching.calibrate`): feature weights learnt from answers reorder
 pairs the pair model ranks wrongly; few answers fit Platt scaling alone; a calibration naming
-features this version lacks is refused; a new calibration replaces the one in the settings file
-whole."""
+features this version lacks, or fitted on another pair model, is refused; a new calibration
+replaces the one in the settings file whole."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -11,12 +13,23 @@ import pytest
 
 from prodsearch.errors import ConfigError
 from prodsearch.labels import PairLabel
-from prodsearch.matching.calibrate import calibrated, fit_calibration
+from prodsearch.matching.calibrate import (
+    calibrated,
+    check_calibration,
+    fit_calibration,
+    without_stale_calibration,
+)
 from prodsearch.matching.features import feature_names
-from prodsearch.matching.pair_model import ScoredPairs
+from prodsearch.matching.pair_model import PairModel, ScoredPairs
 from prodsearch.matching.table import PairTable
 from prodsearch.review.session import write_calibration
-from prodsearch.settings import SETTINGS_FILE_ENV, CalibrationSettings, Settings
+from prodsearch.settings import (
+    SETTINGS_FILE_ENV,
+    CalibrationSettings,
+    DedupSettings,
+    PairModelSettings,
+    Settings,
+)
 
 #: the feature that decides the generated catalog's answers (the pair model ignores it)
 DECIDING = "code_disjoint"
@@ -153,3 +166,24 @@ def test_few_answers_never_invert_the_model() -> None:
     assert fit.settings.slope >= 0.0
     calibrated_p = fit.apply(scored)[:half]
     assert np.all(np.diff(calibrated_p) >= -1e-12)
+
+
+def test_a_calibration_fitted_on_another_pair_model_is_refused(tmp_path) -> None:
+    scored, same = catalog()
+    scored = replace(scored, model_digest="a" * 64)
+    fit = fit_calibration(scored, labels_of(scored, same, 80))
+    assert fit.settings.model_digest == "a" * 64, "the calibration records its model"
+    check_calibration(fit.settings, PairModel([], "a" * 64))
+    with pytest.raises(ConfigError, match="prodsearch calibrate"):
+        check_calibration(fit.settings, PairModel([], "b" * 64))  # an upgrade's new model
+    check_calibration(fit.settings.model_copy(update={"model_digest": ""}), PairModel([], "b"))
+    # calibrating again starts from the model's own probabilities: a stale calibration is
+    # dropped, a current one kept
+    model_file = tmp_path / "model.json"
+    model_file.write_text("{}")
+    pair = PairModelSettings(model=model_file, calibration=fit.settings)
+    knobs = DedupSettings(pair_model=pair)
+    assert without_stale_calibration(knobs).pair_model.calibration is None
+    current = fit.settings.model_copy(update={"model_digest": PairModel.file_digest(model_file)})
+    knobs = DedupSettings(pair_model=pair.model_copy(update={"calibration": current}))
+    assert without_stale_calibration(knobs).pair_model.calibration == current

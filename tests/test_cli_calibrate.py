@@ -1,6 +1,6 @@
 """`prodsearch calibrate`: labels in, the catalog's calibration merged into the settings file,
-which `Settings()` reads and `dedup` applies; bad labels refused naming the row, the settings
-file left as it was."""
+which `Settings()` reads and `dedup` applies (and refuses on another pair model); bad labels
+refused naming the row, the settings file left as it was."""
 
 from __future__ import annotations
 
@@ -8,10 +8,13 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
+from prodsearch.errors import ConfigError
 from prodsearch.index import Index
 from prodsearch.matching.calibrate import calibrated
 from prodsearch.matching.dedup import run_dedup
+from prodsearch.matching.pair_model import SHIPPED_PAIR_MODEL, PairModel
 from prodsearch.settings import SETTINGS_FILE_ENV, Settings
 
 from .conftest import REPO
@@ -89,6 +92,35 @@ def test_calibrate_writes_settings_that_dedup_applies(tmp_path, encoders, monkey
     decided = applied.table.frame["rule"] == "pair model"
     assert decided.sum() > 0
     assert np.array_equal(decided.to_numpy(), probability >= pair.min_probability)
+
+    # the calibration names the model it was fitted on; another model (an upgrade's) refuses it
+    # with what to do, and calibrating again still runs and records the new model
+    assert pair.calibration.model_digest == PairModel.file_digest()
+    other = tmp_path / "other_model.json"
+    other.write_text(SHIPPED_PAIR_MODEL.read_text() + "\n")
+    text = settings_file.read_text().replace(
+        "[dedup.pair_model]", f"[dedup.pair_model]\nmodel = '{other}'"
+    )
+    settings_file.write_text(text)
+    stale = Settings(store=store)
+    with (
+        Index(store, "products", stale, encoders) as index,
+        pytest.raises(ConfigError, match="prodsearch calibrate"),
+    ):
+        run_dedup(index)
+    again = run(
+        "calibrate",
+        "--labels",
+        str(tmp_path / "labels.csv"),
+        "--store",
+        store,
+        "--write-settings",
+        str(settings_file),
+    )
+    assert again.returncode == 0, again.stderr
+    recalibrated = Settings(store=store).dedup.pair_model
+    assert recalibrated.model == other
+    assert recalibrated.calibration.model_digest == PairModel.file_digest(other)
 
 
 def test_bad_labels_are_refused_naming_the_row(tmp_path, encoders) -> None:

@@ -124,6 +124,12 @@ class CalibrationSettings(BaseModel):
         0.0, description="The ridge penalty on the weights, chosen by cross-validation."
     )
     labels: int = Field(0, description="Labelled pairs it was fitted on.")
+    model_digest: str = Field(
+        "",
+        description="SHA-256 of the pair model file it was fitted on top of; another model "
+        "refuses it (calibrate again: the labels are kept). Empty: not recorded (written "
+        "before 2026-12-04), applied to any model.",
+    )
     positives: int = Field(0, description="Of which answered 'same'.")
     fitted_at: str = Field("", description="When (UTC, ISO 8601).")
 

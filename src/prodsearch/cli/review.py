@@ -87,6 +87,7 @@ def calibrate(
     whole, naming its rows; the settings file is only replaced once everything succeeded."""
     from prodsearch.index import Index
     from prodsearch.labels import read_labels
+    from prodsearch.matching.calibrate import without_stale_calibration
     from prodsearch.matching.dedup import run_dedup
     from prodsearch.review.queue import review_pairs
     from prodsearch.review.report import build_report
@@ -99,7 +100,7 @@ def calibrate(
     with Index(settings=settings) as index:
         known = {p.product_id for p in index.scroll(with_vectors=False)}
         answers = read_labels(labels, known)
-        result = run_dedup(index, settings.dedup, keep_scored=True)
+        result = run_dedup(index, without_stale_calibration(settings.dedup), keep_scored=True)
     pairs = review_pairs(result.table, result.fired_at, pair.min_probability)
     report, fit = build_report(
         result.table,

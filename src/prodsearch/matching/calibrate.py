@@ -35,8 +35,8 @@ from scipy.optimize import minimize
 from prodsearch.errors import ConfigError
 from prodsearch.labels import PairLabel
 from prodsearch.matching.features import feature_names, symmetric
-from prodsearch.matching.pair_model import ScoredPairs
-from prodsearch.settings import CalibrationSettings
+from prodsearch.matching.pair_model import PairModel, ScoredPairs
+from prodsearch.settings import CalibrationSettings, DedupSettings
 
 #: probabilities are clipped to this margin from 0 and 1 before the logit
 EPSILON = 1e-4
@@ -64,6 +64,37 @@ class Calibration:
     def apply(self, scored: ScoredPairs) -> np.ndarray:
         """Calibrated probabilities of the scored pairs."""
         return calibrated(scored, self.settings)
+
+
+def is_stale(calibration: CalibrationSettings, model_digest: str) -> bool:
+    """Whether the calibration was fitted on top of another pair model than the one with
+    `model_digest` (its probabilities mean something else: an upgrade ships a new model)."""
+    return bool(calibration.model_digest and model_digest) and (
+        calibration.model_digest != model_digest
+    )
+
+
+def without_stale_calibration(knobs: DedupSettings) -> DedupSettings:
+    """The knobs without their calibration when it is stale (`is_stale`): what calibrating
+    again starts from (the fit reads the model's own probabilities)."""
+    pair = knobs.pair_model
+    if pair.calibration is None or not is_stale(
+        pair.calibration, PairModel.file_digest(pair.model)
+    ):
+        return knobs
+    return knobs.model_copy(update={"pair_model": pair.model_copy(update={"calibration": None})})
+
+
+def check_calibration(calibration: CalibrationSettings, model: PairModel) -> None:
+    """Raises ConfigError when the calibration is stale for `model` (`is_stale`)."""
+    if is_stale(calibration, model.digest):
+        raise ConfigError(
+            f"the catalog's calibration ({calibration.labels} labels, fitted "
+            f"{calibration.fitted_at or 'earlier'}) was fitted on another pair model than the "
+            f"one in use ({calibration.model_digest[:12]} vs {model.digest[:12]}): run "
+            "`prodsearch calibrate` again (the labels are kept), or remove [dedup.pair_model."
+            "calibration] from the settings file"
+        )
 
 
 def calibrated(scored: ScoredPairs, calibration: CalibrationSettings) -> np.ndarray:
@@ -183,6 +214,7 @@ def fit_calibration(
         regularisation=strength or 0.0,
         labels=found.pairs,
         positives=found.positives,
+        model_digest=scored.model_digest,
         fitted_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     )
     curve = expected_curve(calibrated(scored, settings))

@@ -25,7 +25,7 @@ from prodsearch.index import Index, Product
 from prodsearch.matching import decide
 from prodsearch.matching.audit import write_matches_csv, write_pairs_csv
 from prodsearch.matching.blend import blended_products
-from prodsearch.matching.calibrate import calibrated
+from prodsearch.matching.calibrate import calibrated, check_calibration
 from prodsearch.matching.candidates import RelativeFilters, collect_candidates
 from prodsearch.matching.clusters import table_clusters
 from prodsearch.matching.features import table_features
@@ -152,7 +152,9 @@ def decide_by_pair_model(
     pair = knobs.pair_model
     top, rows = table.top(MODEL_CANDIDATES)
     features = table_features(top, products, stats)
-    scored = ScoredPairs(top, rows, model.probabilities(top, features), features)
+    if pair.calibration is not None:
+        check_calibration(pair.calibration, model)
+    scored = ScoredPairs(top, rows, model.probabilities(top, features), features, model.digest)
     probability = np.zeros(len(table))
     probability[rows] = (
         scored.probability if pair.calibration is None else calibrated(scored, pair.calibration)

@@ -14,6 +14,7 @@ included).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -51,12 +52,14 @@ LGBM_ROUNDS = 150
 class ScoredPairs:
     """The candidate pairs the pair model scored (each product's MODEL_CANDIDATES best): their
     table, their rows in the whole table, the model's own probabilities (before a catalog's
-    calibration) and their pair features (`feature_names()` columns)."""
+    calibration), their pair features (`feature_names()` columns) and which model scored them."""
 
     table: PairTable
     rows: np.ndarray
     probability: np.ndarray
     features: np.ndarray
+    #: the `PairModel.digest` of the model that scored them ("" unknown)
+    model_digest: str = ""
 
 
 @dataclass
@@ -82,6 +85,9 @@ class PairModel:
     """A fitted pair model: one LightGBM booster per stage."""
 
     boosters: list[Any]
+    #: the SHA-256 of the model file it was loaded from ("" for a model fitted in this process):
+    #: a catalog's calibration records it and is refused by another model
+    digest: str = ""
 
     @classmethod
     def load(cls, path: Path | None = None) -> PairModel:
@@ -94,8 +100,9 @@ class PairModel:
         path = Path(path or SHIPPED_PAIR_MODEL)
         if not path.is_file():
             raise ConfigError(f"pair model file {path} does not exist")
+        content = path.read_bytes()
         try:
-            document = json.loads(path.read_text(encoding="utf-8"))
+            document = json.loads(content.decode("utf-8"))
             if document.get("format") != MODEL_FORMAT:
                 raise ValueError(f"format {document.get('format')!r}, expected {MODEL_FORMAT!r}")
             boosters = [lightgbm.Booster(model_str=text) for text in document["stages"]]
@@ -114,7 +121,13 @@ class PairModel:
                     f"of this version ({feature_names(stage)}); fit a new one with "
                     "`prodsearch eval`"
                 )
-        return cls(boosters)
+        return cls(boosters, hashlib.sha256(content).hexdigest())
+
+    @staticmethod
+    def file_digest(path: Path | None = None) -> str:
+        """The `digest` a model file (None: the shipped one) loads with ("" when missing)."""
+        path = Path(path or SHIPPED_PAIR_MODEL)
+        return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else ""
 
     @classmethod
     def fit(

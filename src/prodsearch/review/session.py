@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from prodsearch.index import Index
+from prodsearch.matching.calibrate import without_stale_calibration
 from prodsearch.matching.cluster_log import CLUSTER_KEY, ClusterLog
 from prodsearch.matching.clusters import cluster_members
 from prodsearch.matching.dedup import DedupResult, run_dedup
@@ -63,7 +64,10 @@ class ReviewSession:
         with self._lock:
             self.payloads = {p.product_id: p.payload for p in self.index.scroll(with_vectors=False)}
             self.result = run_dedup(
-                self.index, self.knobs, progress=self._progress, keep_scored=True
+                self.index,
+                without_stale_calibration(self.knobs),
+                progress=self._progress,
+                keep_scored=True,
             )
             self.pairs = review_pairs(
                 self.result.table, self.result.fired_at, self.knobs.pair_model.min_probability
