@@ -41,16 +41,8 @@ def test_calibrate_writes_settings_that_dedup_applies(tmp_path, encoders, monkey
     write_labels(tmp_path / "labels.csv", frame)
     settings_file = tmp_path / "prodsearch.toml"
     settings_file.write_text("[thresholds]\ntext = 0.55\n\n[dedup]\nmax_cluster_size = 20\n")
-    done = run(
-        "calibrate",
-        "--labels",
-        str(tmp_path / "labels.csv"),
-        "--store",
-        store,
-        "--write-settings",
-        str(settings_file),
-        "--json",
-    )
+    calibrate = ["calibrate", "--labels", str(tmp_path / "labels.csv"), "--store", store]
+    done = run(*calibrate, "--write-settings", str(settings_file), "--json")
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
     assert summary["labels_read"] == 45 and 30 < summary["labels"] <= 45
@@ -108,15 +100,7 @@ def test_calibrate_writes_settings_that_dedup_applies(tmp_path, encoders, monkey
         pytest.raises(ConfigError, match="prodsearch calibrate"),
     ):
         run_dedup(index)
-    again = run(
-        "calibrate",
-        "--labels",
-        str(tmp_path / "labels.csv"),
-        "--store",
-        store,
-        "--write-settings",
-        str(settings_file),
-    )
+    again = run(*calibrate, "--write-settings", str(settings_file))
     assert again.returncode == 0, again.stderr
     recalibrated = Settings(store=store).dedup.pair_model
     assert recalibrated.model == other

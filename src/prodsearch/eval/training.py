@@ -237,28 +237,17 @@ def open_source(
         kept = [x for x in labels if x.id_a in positive and x.id_b in positive]
         out.append(_pair_collection(store, f"{name}-fit-pairs", chained, kept, console))
         chains = label_groups([r.product_id for r in chained], kept)
-        out.append(_singles(store, f"{name}-fit-singles", chained, chains, console))
+        singles = _first_of_each(chained, chains)
+        out.append(_grouped_collection(store, f"{name}-fit-singles", singles, chains, console))
     return out
 
 
-def _singles(
-    store: Index,
-    name: str,
-    rows: Sequence[CatalogRow],
-    groups: Mapping[str, object],
-    console: Console,
-) -> LabelledCollection:
-    """The first of `rows` of each group, in a collection of its own: a catalog without
-    duplicates (module docstring)."""
+def _first_of_each(rows: Sequence[CatalogRow], groups: Mapping[str, object]) -> list[CatalogRow]:
+    """The first of `rows` of each group: a catalog without duplicates (module docstring)."""
     first: dict[object, CatalogRow] = {}
     for row in rows:
         first.setdefault(groups[row.product_id], row)
-    singles = list(first.values())
-    index = Index(store.store, name, store.settings, store.encoders)
-    products = ingest_labelled(index, singles, console)
-    return LabelledCollection(
-        name, index, products, groups={r.product_id: groups[r.product_id] for r in singles}
-    )
+    return list(first.values())
 
 
 def _pair_collection(
@@ -287,39 +276,44 @@ def _shopee(data: Path, part: str, store: Index, console: Console) -> list[Label
         if pairs.get(group, 0) < 2:
             pairs[group] = pairs.get(group, 0) + 1
             two.append(row)
-    index = Index(store.store, "shopee-fit-pairs", store.settings, store.encoders)
-    products = ingest_labelled(index, two, console)
     groups = {r.product_id: r.payload["label_group"] for r in two}
     return [
         _split_collection("shopee-fit", val),
-        LabelledCollection("shopee-fit-pairs", index, products, groups=groups),
-        _singles(store, "shopee-fit-singles", two, groups, console),
-        _mixed(store, "shopee-fit-mixed", two, groups, console),
+        _grouped_collection(store, "shopee-fit-pairs", two, groups, console),
+        _grouped_collection(
+            store, "shopee-fit-singles", _first_of_each(two, groups), groups, console
+        ),
+        _grouped_collection(store, "shopee-fit-mixed", _cut_modalities(two), groups, console),
     ]
 
 
-def _mixed(
-    store: Index,
-    name: str,
-    rows: Sequence[CatalogRow],
-    groups: Mapping[str, object],
-    console: Console,
-) -> LabelledCollection:
+def _cut_modalities(rows: Sequence[CatalogRow]) -> list[CatalogRow]:
     """`rows` with one listing in three cut to its title (no photo) and one in three to its
     photo (no title), chosen by a hash of the id: a catalog whose duplicates do not share every
     modality (a title-only query beside listings with photos; photo-only shop listings)."""
-    mixed = []
+    out = []
     for row in rows:
         kind = hashlib.sha1(row.product_id.encode()).digest()[0] % 3
         if kind == 1:
             row = row.model_copy(update={"image_path": None, "image_bytes": None, "phash": None})
         elif kind == 2:
             row = row.model_copy(update={"title": None})
-        mixed.append(row)
+        out.append(row)
+    return out
+
+
+def _grouped_collection(
+    store: Index,
+    name: str,
+    rows: Sequence[CatalogRow],
+    groups: Mapping[str, object],
+    console: Console,
+) -> LabelledCollection:
+    """`rows` ingested into a collection of `store`'s store, labelled by their `groups`."""
     index = Index(store.store, name, store.settings, store.encoders)
-    products = ingest_labelled(index, mixed, console)
+    products = ingest_labelled(index, rows, console)
     return LabelledCollection(
-        name, index, products, groups={r.product_id: groups[r.product_id] for r in mixed}
+        name, index, products, groups={r.product_id: groups[r.product_id] for r in rows}
     )
 
 
@@ -349,7 +343,8 @@ def _grocery(data: Path, part: str, store: Index, console: Console) -> list[Labe
     collection = LabelledCollection(name, index, ingest_labelled(index, rows, console), groups)
     if part != "fit":
         return [collection]
-    return [collection, _singles(store, "grocery-fit-singles", rows, groups, console)]
+    singles = _first_of_each(rows, groups)
+    return [collection, _grouped_collection(store, "grocery-fit-singles", singles, groups, console)]
 
 
 def _split_collection(name: str, split: object) -> LabelledCollection:
