@@ -26,6 +26,7 @@ from __future__ import annotations
 import random
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ from finetune.common import (
     write_manifest,
 )
 from prodsearch.encoders.text import SHIPPED_ADAPTER, minilm_path
+from prodsearch.labels import PairLabel, label_groups, read_labels, read_pair_file
 
 CONFIG = Path(__file__).resolve().parent / "configs" / "text.toml"
 
@@ -143,12 +145,22 @@ def svd_adapter(bert: Any, tuned: dict[str, torch.Tensor], rank: int, targets: l
 
 @dataclass
 class LabelledTitles:
-    """A user's answers as training data: titles with group numbers from the confirmed pairs
-    (groups of two or more only), and the rejected pairs' titles."""
+    """Labelled pairs as training data (a user's answers, product_pairs train files): titles
+    with group numbers from the confirmed pairs (groups of two or more only), and the rejected
+    pairs' titles."""
 
     titles: list[str]
     groups: np.ndarray
     negatives: list[tuple[str, str]]
+
+    def plus(self, other: LabelledTitles) -> LabelledTitles:
+        """Both sets of titles, `other`'s groups numbered after these."""
+        offset = int(self.groups.max()) + 1 if len(self.groups) else 0
+        return LabelledTitles(
+            self.titles + other.titles,
+            np.concatenate([self.groups, other.groups + offset]),
+            self.negatives + other.negatives,
+        )
 
 
 def labelled_titles(labels: Path, catalog: Path) -> LabelledTitles:
@@ -156,13 +168,39 @@ def labelled_titles(labels: Path, catalog: Path) -> LabelledTitles:
     as it guesses them). Raises CatalogError naming the bad rows (an id not in the catalog, ...)."""
     from prodsearch.catalog import catalog_from_table
     from prodsearch.columns import map_catalog
-    from prodsearch.labels import label_groups, read_labels
     from prodsearch.settings import IngestSettings
 
     mapped = map_catalog(catalog, IngestSettings())
     rows = catalog_from_table(mapped.table, mapped.recipe).rows
     title_of = {row.product_id: row.title for row in rows if row.title}
-    answers = read_labels(labels, known_ids=title_of.keys())
+    return answered_titles(title_of, read_labels(labels, known_ids=title_of.keys()))
+
+
+def pair_file_titles(path: Path) -> LabelledTitles:
+    """The labelled pairs of product_pairs train files as training data: `path` is one pair file
+    (`COL attr VAL value` records, TAB, TAB, 0/1) or a folder whose subfolders each hold a
+    `train.txt` (product_pairs' layout); each file's ids are kept apart from the others'.
+    Raises SystemExit when there is no such file, CatalogError for a file that is not one."""
+    files = [path] if path.is_file() else sorted(path.glob("*/train.txt"))
+    if not files:
+        raise SystemExit(f"--pairs {path}: no pair file (a train.txt, or folders holding one)")
+    title_of: dict[str, str] = {}
+    answers: list[PairLabel] = []
+    for file in files:
+        rows, labels = read_pair_file(file)
+        prefix = f"{file.parent.name}/{file.stem}:"
+        title_of.update((prefix + row.product_id, row.title) for row in rows if row.title)
+        answers += [
+            PairLabel(prefix + label.id_a, prefix + label.id_b, label.same)
+            for label in labels
+            if prefix + label.id_a in title_of and prefix + label.id_b in title_of
+        ]
+    return answered_titles(title_of, answers)
+
+
+def answered_titles(title_of: dict[str, str], answers: Sequence[PairLabel]) -> LabelledTitles:
+    """Labelled pairs (their products' titles in `title_of`) as training data: confirmed pairs
+    chained into groups (connected components), rejected pairs as hard negatives."""
     confirmed = sorted({pid for a in answers if a.same for pid in (a.id_a, a.id_b)})
     group_of = label_groups(confirmed, answers)
     sizes = np.bincount(list(group_of.values()), minlength=1)
@@ -198,9 +236,11 @@ def train(
     limit_groups: int | None = None,
     labels: Path | None = None,
     catalog: Path | None = None,
+    pairs: Path | None = None,
 ) -> dict[str, Any]:
-    """Train the adapter (on Shopee train, plus a user's answers with `labels` and `catalog`);
-    return the manifest fields (also written to out_dir)."""
+    """Train the adapter (on Shopee train, plus a user's answers with `labels` and `catalog`,
+    plus labelled pair files with `pairs`: `pair_file_titles`); return the manifest fields (also
+    written to out_dir)."""
     from peft import LoraConfig, get_peft_model
     from sentence_transformers import SentenceTransformer
 
@@ -220,6 +260,9 @@ def train(
         raise SystemExit("--labels and --catalog go together: the labels name the catalog's ids")
     if labels is not None and catalog is not None:
         answered = labelled_titles(labels, catalog)
+    if pairs is not None:
+        answered = answered.plus(pair_file_titles(pairs))
+    if answered.titles or answered.negatives:
         titles += answered.titles
         groups = np.concatenate([groups, answered.groups + int(groups.max()) + 1])
         print(
@@ -380,6 +423,7 @@ def train(
             "val_rows": len(val_split.titles),
             "limit_groups": limit_groups,
             "labels": str(labels) if labels else None,
+            "pairs": str(pairs) if pairs else None,
             "labelled_titles": len(answered.titles),
             "rejected_pairs": len(answered.negatives),
         },
@@ -395,7 +439,14 @@ def train(
 
 
 def main() -> None:
-    run_recipe(__doc__, CONFIG, SHIPPED_ADAPTER, "--limit-groups", train, ("--labels", "--catalog"))
+    run_recipe(
+        __doc__,
+        CONFIG,
+        SHIPPED_ADAPTER,
+        "--limit-groups",
+        train,
+        ("--labels", "--catalog", "--pairs"),
+    )
 
 
 if __name__ == "__main__":

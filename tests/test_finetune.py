@@ -96,12 +96,42 @@ def test_review_answers_become_groups_and_hard_negatives(tmp_path: Path) -> None
         labelled_titles(tmp_path / "bad.csv", tmp_path / "catalog.csv")
 
 
+def _pair_record(title: str) -> str:
+    return f"COL title VAL {title} COL price VAL 9.99 "
+
+
+def test_pair_files_become_groups_and_hard_negatives(tmp_path: Path) -> None:
+    from finetune.text import pair_file_titles
+
+    x, y, z, w = "TL-SF1008D switch", "TP-Link TL-SF1008D 8 port", "tplink sf1008d", "TL-SF1016D"
+    sets = {"shop_a": [(x, y, 1), (y, z, 1), (x, w, 0)], "shop_b": [(x, y, 1), (y, w, 0)]}
+    for name, pairs in sets.items():
+        (tmp_path / name).mkdir()
+        lines = [f"{_pair_record(a)}\t{_pair_record(b)}\t{same}" for a, b, same in pairs]
+        (tmp_path / name / "train.txt").write_text("\n".join(lines) + "\n")
+    every = pair_file_titles(tmp_path)
+    # shop_a's positives chain x-y-z into one group; shop_b's x-y is a group of its own (the
+    # same records in another file are other products)
+    assert sorted(np.bincount(every.groups).tolist()) == [2, 3]
+    assert sorted(every.titles) == sorted([x, y, z, x, y])
+    assert (x, w) in every.negatives and (y, w) in every.negatives and len(every.negatives) == 2
+    one = pair_file_titles(tmp_path / "shop_b" / "train.txt")
+    assert sorted(one.titles) == sorted([x, y]) and one.negatives == [(y, w)]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="no pair file"):
+        pair_file_titles(tmp_path / "empty")
+
+
 @needs_shopee
 def test_text_recipe_learns_from_review_answers(tmp_path: Path) -> None:
     from finetune import text
 
     (tmp_path / "catalog.csv").write_text(REVIEW_CATALOG)
     (tmp_path / "labels.csv").write_text(REVIEW_LABELS)
+    (tmp_path / "pairs" / "shop").mkdir(parents=True)
+    (tmp_path / "pairs" / "shop" / "train.txt").write_text(
+        f"{_pair_record('Sepatu sneakers wanita putih')}\t{_pair_record('sepatu sneaker putih')}\t1"
+    )
     config = load_config(
         text.CONFIG,
         {"epochs": 2, "batch_size": 16, "lora_rank": 4, "max_tokens": 24, **FIXED_MARGIN},
@@ -114,8 +144,10 @@ def test_text_recipe_learns_from_review_answers(tmp_path: Path) -> None:
         limit_groups=24,
         labels=tmp_path / "labels.csv",
         catalog=tmp_path / "catalog.csv",
+        pairs=tmp_path / "pairs",
     )
-    assert fields["data"]["labelled_titles"] == 3 and fields["data"]["rejected_pairs"] == 2
+    # the answers' chain of 3 and the pair file's group of 2
+    assert fields["data"]["labelled_titles"] == 5 and fields["data"]["rejected_pairs"] == 2
     pair = ["Kipas angin portable XB-450 hitam", "Kipas angin portable XB-450 putih"]
     before = TextEncoder().encode_titles(pair)
     after = TextEncoder(adapter=tmp_path / "adapter").encode_titles(pair)

@@ -1,0 +1,105 @@
+"""Text encoder benchmark: the title encoder alone, base weights against fine-tuned adapters.
+
+    .venv/bin/python benchmarks/bench_text_transfer.py [--adapter NAME=DIR ...] [--data DIR]
+
+For each encoder (the base all-MiniLM-L6-v2, the shipped adapter, and every `--adapter`, e.g.
+one written by `python -m finetune.text --pairs ../shared/data/product_pairs --out DIR`): on each
+product_pairs set, the cosine of every valid pair's two titles, decided at the threshold with the
+best F1 on the set's own train pairs (pair precision / recall / F1) and the ROC AUC of the
+cosine; on Shopee, the mean row F1 of thresholded kNN over the val titles (best threshold) and
+over the test titles at val's threshold (finetune/common.py's measure, as the text recipe reports
+it). torch, 2 threads. Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "src"))
+
+from finetune.common import best_threshold_f1, shopee_split  # noqa: E402
+from prodsearch.encoders.text import SHIPPED_ADAPTER, TextEncoder  # noqa: E402
+from prodsearch.labels import PairLabel, read_pair_file  # noqa: E402
+
+SETS = ("wdc_computers", "wdc_cameras", "amazon_google")
+THRESHOLDS = np.arange(0.3, 1.0, 0.005)
+
+
+def pair_scores(cosine: np.ndarray, same: np.ndarray, threshold: float) -> tuple[float, ...]:
+    """Precision, recall and F1 of deciding `cosine >= threshold`."""
+    predicted = cosine >= threshold
+    tp = int((predicted & same).sum())
+    fp, fn = int((predicted & ~same).sum()), int((~predicted & same).sum())
+    return tp / max(tp + fp, 1), tp / max(tp + fn, 1), 2 * tp / max(2 * tp + fp + fn, 1)
+
+
+def one_set(encode, folder: Path) -> str:
+    """The cell of one product_pairs set: valid P / R / F1 at train's best threshold, AUC."""
+    train_rows, train = read_pair_file(folder / "train.txt")
+    valid_rows, valid = read_pair_file(folder / "valid.txt")
+    titles = {row.product_id: row.title or "" for row in [*train_rows, *valid_rows]}
+    ids = sorted(titles)
+    vectors = dict(zip(ids, encode([titles[i] for i in ids]), strict=True))
+
+    def cosines(labels: list[PairLabel]) -> tuple[np.ndarray, np.ndarray]:
+        values = [float(vectors[x.id_a] @ vectors[x.id_b]) for x in labels]
+        return np.array(values), np.array([x.same for x in labels])
+
+    train_cosine, train_same = cosines(train)
+    valid_cosine, valid_same = cosines(valid)
+    threshold = max(THRESHOLDS, key=lambda t: pair_scores(train_cosine, train_same, t)[2])
+    precision, recall, f1 = pair_scores(valid_cosine, valid_same, threshold)
+    auc = roc_auc_score(valid_same, valid_cosine)
+    return f"{precision:.3f} / {recall:.3f} / **{f1:.3f}** ({auc:.3f})"
+
+
+def main() -> None:
+    """Run the benchmark (see the module docstring)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
+    parser.add_argument("--adapter", action="append", default=[], help="NAME=DIR")
+    args = parser.parse_args()
+    encoders: dict[str, Path | None] = {"base (no adapter)": None, "shipped": SHIPPED_ADAPTER}
+    for option in args.adapter:
+        name, _, path = option.partition("=")
+        encoders[name] = Path(path)
+    val, test = shopee_split(args.data, "val"), shopee_split(args.data, "test")
+    print(
+        f"### Text alone, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs\n\n"
+        "pair P / R / F1 on valid at the train pairs' best cosine threshold (ROC AUC); Shopee "
+        "mean row F1, kNN at a cosine threshold\n"
+    )
+    print("| encoder | " + " | ".join(SETS) + " | Shopee val (best) | Shopee test (val's) | s |")
+    print("|---|" + "---|" * (len(SETS) + 3))
+    for name, adapter in encoders.items():
+        started = time.perf_counter()
+        model = TextEncoder(adapter=adapter).model
+
+        def encode(titles: list[str], model=model) -> np.ndarray:
+            return model.encode(titles, batch_size=64, normalize_embeddings=True)
+
+        cells = [one_set(encode, args.data / "product_pairs" / s) for s in SETS]
+        val_f1, threshold = best_threshold_f1(encode(val.titles), val.labels)
+        test_f1, _ = best_threshold_f1(encode(test.titles), test.labels, thresholds=(threshold,))
+        seconds = time.perf_counter() - started
+        print(
+            f"| {name} | "
+            + " | ".join(cells)
+            + f" | {val_f1:.4f} | {test_f1:.4f} (t={threshold:.2f})"
+            f" | {seconds:.0f} |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
