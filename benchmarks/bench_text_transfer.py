@@ -29,18 +29,18 @@ sys.path.insert(0, str(REPO / "src"))
 
 from finetune.common import best_threshold_f1, shopee_split  # noqa: E402
 from prodsearch.encoders.text import SHIPPED_ADAPTER, TextEncoder  # noqa: E402
+from prodsearch.eval.metrics import Scores, pair_scores  # noqa: E402
 from prodsearch.labels import PairLabel, read_pair_file  # noqa: E402
 
 SETS = ("wdc_computers", "wdc_cameras", "amazon_google")
 THRESHOLDS = np.arange(0.3, 1.0, 0.005)
 
 
-def pair_scores(cosine: np.ndarray, same: np.ndarray, threshold: float) -> tuple[float, ...]:
-    """Precision, recall and F1 of deciding `cosine >= threshold`."""
-    predicted = cosine >= threshold
-    tp = int((predicted & same).sum())
-    fp, fn = int((predicted & ~same).sum()), int((~predicted & same).sum())
-    return tp / max(tp + fp, 1), tp / max(tp + fn, 1), 2 * tp / max(2 * tp + fp + fn, 1)
+def decided(labels: list[PairLabel], cosine: np.ndarray, threshold: float) -> Scores:
+    """Pair precision / recall / F1 of deciding `cosine >= threshold` for each labelled pair."""
+    pairs = zip(labels, cosine, strict=True)
+    predicted = {frozenset((x.id_a, x.id_b)) for x, c in pairs if c >= threshold}
+    return pair_scores(predicted, [(x.id_a, x.id_b, x.same) for x in labels])
 
 
 def one_set(encode, folder: Path) -> str:
@@ -51,16 +51,14 @@ def one_set(encode, folder: Path) -> str:
     ids = sorted(titles)
     vectors = dict(zip(ids, encode([titles[i] for i in ids]), strict=True))
 
-    def cosines(labels: list[PairLabel]) -> tuple[np.ndarray, np.ndarray]:
-        values = [float(vectors[x.id_a] @ vectors[x.id_b]) for x in labels]
-        return np.array(values), np.array([x.same for x in labels])
+    def cosines(labels: list[PairLabel]) -> np.ndarray:
+        return np.array([float(vectors[x.id_a] @ vectors[x.id_b]) for x in labels])
 
-    train_cosine, train_same = cosines(train)
-    valid_cosine, valid_same = cosines(valid)
-    threshold = max(THRESHOLDS, key=lambda t: pair_scores(train_cosine, train_same, t)[2])
-    precision, recall, f1 = pair_scores(valid_cosine, valid_same, threshold)
-    auc = roc_auc_score(valid_same, valid_cosine)
-    return f"{precision:.3f} / {recall:.3f} / **{f1:.3f}** ({auc:.3f})"
+    train_cosine, valid_cosine = cosines(train), cosines(valid)
+    threshold = max(THRESHOLDS, key=lambda t: decided(train, train_cosine, t).f1)
+    got = decided(valid, valid_cosine, threshold)
+    auc = roc_auc_score([x.same for x in valid], valid_cosine)
+    return f"{got.precision:.3f} / {got.recall:.3f} / **{got.f1:.3f}** ({auc:.3f})"
 
 
 def main() -> None:
