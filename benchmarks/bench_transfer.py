@@ -3,6 +3,7 @@ held-out catalog label-free.
 
     .venv/bin/python benchmarks/bench_transfer.py [--data DIR] [--workdir DIR] [--before REV]
                                                   [--sources shopee,wdc_computers,...]
+                                                  [--text-adapter DIR]
 
 Catalogs: Shopee (fit on `val`, scored on `test`: row F1), the three product_pairs sets (fit on
 `train.txt`, scored on `valid.txt`: pair P/R/F1, a pair predicted same when either product is in
@@ -18,7 +19,11 @@ ones, each beside the catalogue images: row F1). For each held-out catalog, in t
 - **shipped before**: the `dedup` of revision REV (default: the one before the transfer work),
   run as a user runs it (ingest + dedup with its defaults) from a checkout of that revision.
 The text encoder is the shipped one in every row (not refitted per held-out catalog: a 50-minute
-fine-tuning run each; finetune/README says what it was trained on). Prints a markdown table.
+fine-tuning run each; finetune/README says what it was trained on), or the adapter
+`--text-adapter DIR` names (the pair models, the shipped one included, then decide over its
+scores): e.g. the Shopee-only adapter of `python -m finetune.text --out DIR`, which has seen no
+product_pairs set, for a leave-one-out of those sets whose text encoder has not seen them either.
+Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
+from prodsearch.encoders import EncoderSet, TextEncoder  # noqa: E402
 from prodsearch.eval.metrics import Scores, pair_scores, row_scores  # noqa: E402
 from prodsearch.eval.pairs import TFIDF_GRID, LabelledCatalog, tfidf_baseline  # noqa: E402
 from prodsearch.eval.training import (  # noqa: E402
@@ -142,6 +148,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--before", default=BEFORE)
     parser.add_argument("--sources", default=",".join(SOURCES))
+    parser.add_argument("--text-adapter", type=Path, default=None, help="default: the shipped")
     args = parser.parse_args()
     names = args.sources.split(",")
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="prodsearch-transfer-"))
@@ -150,7 +157,12 @@ def main() -> None:
     rows = []
     shipped = PairModel.load()
     shipped_minimum = Settings().dedup.pair_model.min_probability
-    with Index(str(workdir / "store"), "base") as base:
+    settings = Settings()
+    encoders = EncoderSet.default(settings.text_max_tokens)
+    if args.text_adapter is not None:
+        encoders.encoders["text"] = TextEncoder(settings.text_max_tokens, adapter=args.text_adapter)
+        LOG.print(f"text encoder: the adapter in {args.text_adapter}")
+    with Index(str(workdir / "store"), "base", settings, encoders) as base:
         fit = {
             n: [label_collection(c) for c in open_source(args.data, n, "fit", base, LOG)]
             for n in SOURCES
