@@ -13,7 +13,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip 2>&1 | grep -v "is ignored" || true
   # Install torch first, pinned: anything looser pulls a multi-GB CUDA build.
   .venv/bin/python -m pip install --quiet "torch==2.13.0" 2>&1 | grep -v "is ignored" || true
-  .venv/bin/python -m pip install --quiet -e ".[test,ray]" 2>&1 | grep -v "is ignored" || true
+  .venv/bin/python -m pip install --quiet -e ".[test,ray,bench]" 2>&1 | grep -v "is ignored" || true
   .venv/bin/python -c "import prodsearch, torch, qdrant_edge, lightgbm, ray; assert torch.__version__.startswith('2.13.0')"
   touch "$stamp"
 fi
