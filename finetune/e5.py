@@ -24,6 +24,8 @@ import numpy as np
 MAGIC = b"E5S1"
 BLOCK = 32  # weights a 4-bit block holds (one fp16 scale + 16 bytes of nibbles)
 F32, Q4 = 0, 1  # tensor dtypes of the directory
+#: where the text recipe builds it (`base = "e5"`, finetune/configs/text_e5.toml)
+DEFAULT_DIR = Path("~/.cache/prodsearch/multilingual-e5-small")
 POSITION_OFFSET = 2  # XLM-R positions start after the padding index (1); the engine's at 0
 LAYER_TENSORS = {
     "q": "attention.self.query",

