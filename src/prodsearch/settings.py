@@ -146,12 +146,12 @@ class PairModelSettings(BaseModel):
         "product_pairs train splits: assets/pair_model.manifest.json).",
     )
     min_probability: float = Field(
-        0.5,
+        0.55,
         description="Probability a match must reach (the shipped model's: the best mean F1 over "
         "its sources, each decided by a model fitted without it).",
     )
     min2_min_probability: float = Field(
-        0.5, description="Probability a lone product's best candidate must reach (min-2)."
+        0.55, description="Probability a lone product's best candidate must reach (min-2)."
     )
     calibration: CalibrationSettings | None = Field(
         None,
