@@ -3,6 +3,7 @@ the pair model never saw.
 
     .venv/bin/python benchmarks/bench_calibrate.py [--data DIR] [--workdir DIR]
                                                    [--catalogs wdc_computers,...] [--png FILE]
+                                                   [--text-adapter DIR]
 
 For each product_pairs catalog: the pair model is fitted on the other catalogs only (as in
 bench_transfer); the catalog under review is every record of its train and valid pairs, decided
@@ -15,7 +16,10 @@ answers the catalog is calibrated on them (`matching.calibrate`) and its VALID p
 F1, a pair predicted same when either direction is decided); beside it, the same counts of
 randomly chosen train labels (mean of 5 draws), the queue's answers fitted by Platt scaling alone
 (the calibration before feature weights), and calibrating on the whole train split. Prints a
-table; writes a PNG of the curves.
+table; writes a PNG of the curves. The text encoder is the shipped one, or the adapter
+`--text-adapter DIR` names (as in bench_transfer): the shipped adapter has learned from the
+product_pairs train splits, so for a catalog that no learned part has seen, pass an adapter
+fitted without them (`python -m finetune.text --out DIR`, Shopee only).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from prodsearch.catalog import CatalogRow  # noqa: E402
+from prodsearch.encoders import EncoderSet, TextEncoder  # noqa: E402
 from prodsearch.errors import ConfigError  # noqa: E402
 from prodsearch.eval.metrics import pair_scores  # noqa: E402
 from prodsearch.eval.training import (  # noqa: E402
@@ -50,6 +55,7 @@ from prodsearch.matching.calibrate import fit_calibration  # noqa: E402
 from prodsearch.matching.pair_model import ScoredPairs  # noqa: E402
 from prodsearch.matching.table import PairTable  # noqa: E402
 from prodsearch.review.queue import next_batch, review_pairs  # noqa: E402
+from prodsearch.settings import Settings  # noqa: E402
 
 COUNTS = (0, 25, 50, 100, 200)
 #: the simulated user presses Calibrate after this many answers (the queue then follows it)
@@ -203,11 +209,17 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--sources", default=",".join(PAIR_SOURCES))
     parser.add_argument("--png", type=Path, default=Path("bench_calibrate.png"))
+    parser.add_argument("--text-adapter", type=Path, default=None, help="default: the shipped")
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="prodsearch-calibrate-"))
     started = time.perf_counter()
     results = {}
-    with Index(str(workdir / "store"), "base") as base:
+    settings = Settings()
+    encoders = EncoderSet.default(settings.text_max_tokens)
+    if args.text_adapter is not None:
+        encoders.encoders["text"] = TextEncoder(settings.text_max_tokens, adapter=args.text_adapter)
+        LOG.print(f"text encoder: the adapter in {args.text_adapter}")
+    with Index(str(workdir / "store"), "base", settings, encoders) as base:
         fit = {
             n: [label_collection(c) for c in open_source(args.data, n, "fit", base, LOG)]
             for n in SOURCES
