@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from prodsearch.catalog import CatalogRow  # noqa: E402
-from prodsearch.encoders import EncoderSet, TextEncoder  # noqa: E402
+from prodsearch.encoders import EncoderSet  # noqa: E402
 from prodsearch.errors import ConfigError  # noqa: E402
 from prodsearch.eval.metrics import pair_scores  # noqa: E402
 from prodsearch.eval.training import (  # noqa: E402
@@ -215,9 +215,8 @@ def main() -> None:
     started = time.perf_counter()
     results = {}
     settings = Settings()
-    encoders = EncoderSet.default(settings.text_max_tokens)
+    encoders = EncoderSet.default(settings.text_max_tokens, text_adapter=args.text_adapter)
     if args.text_adapter is not None:
-        encoders.encoders["text"] = TextEncoder(settings.text_max_tokens, adapter=args.text_adapter)
         LOG.print(f"text encoder: the adapter in {args.text_adapter}")
     with Index(str(workdir / "store"), "base", settings, encoders) as base:
         fit = {

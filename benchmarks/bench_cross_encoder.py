@@ -48,22 +48,25 @@ def read_pairs(data: Path, name: str, split: str) -> list[Pair]:
     return [(titles[x.id_a], titles[x.id_b], float(x.same)) for x in labels]
 
 
+def tokens(tokenizer, pairs: list[Pair]) -> dict:
+    """A batch of pairs as the model's inputs (both titles, at most MAX_TOKENS together)."""
+    return tokenizer(
+        [a for a, _, _ in pairs],
+        [b for _, b, _ in pairs],
+        padding=True,
+        truncation=True,
+        max_length=MAX_TOKENS,
+        return_tensors="pt",
+    )
+
+
 def logits(model, tokenizer, pairs: list[Pair]) -> np.ndarray:
     """The model's logit for each pair (evaluation mode, no gradient)."""
     model.eval()
     out = []
     with torch.no_grad():
         for start in range(0, len(pairs), 64):
-            batch = pairs[start : start + 64]
-            inputs = tokenizer(
-                [a for a, _, _ in batch],
-                [b for _, b, _ in batch],
-                padding=True,
-                truncation=True,
-                max_length=MAX_TOKENS,
-                return_tensors="pt",
-            )
-            out.append(model(**inputs).logits[:, 0].numpy())
+            out.append(model(**tokens(tokenizer, pairs[start : start + 64])).logits[:, 0].numpy())
     model.train()
     return np.concatenate(out)
 
@@ -82,16 +85,8 @@ def fine_tune(model, tokenizer, pairs: list[Pair], epochs: int) -> float:
         random.shuffle(pairs)
         for step, start in enumerate(range(0, len(pairs) - BATCH + 1, BATCH), start=1):
             batch = pairs[start : start + BATCH]
-            inputs = tokenizer(
-                [a for a, _, _ in batch],
-                [b for _, b, _ in batch],
-                padding=True,
-                truncation=True,
-                max_length=MAX_TOKENS,
-                return_tensors="pt",
-            )
             target = torch.tensor([y for _, _, y in batch])
-            loss = loss_function(model(**inputs).logits[:, 0], target)
+            loss = loss_function(model(**tokens(tokenizer, batch)).logits[:, 0], target)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()

@@ -44,7 +44,7 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from prodsearch.encoders import EncoderSet, TextEncoder  # noqa: E402
+from prodsearch.encoders import EncoderSet  # noqa: E402
 from prodsearch.eval.metrics import Scores, pair_scores, row_scores  # noqa: E402
 from prodsearch.eval.pairs import TFIDF_GRID, LabelledCatalog, tfidf_baseline  # noqa: E402
 from prodsearch.eval.training import (  # noqa: E402
@@ -158,9 +158,8 @@ def main() -> None:
     shipped = PairModel.load()
     shipped_minimum = Settings().dedup.pair_model.min_probability
     settings = Settings()
-    encoders = EncoderSet.default(settings.text_max_tokens)
+    encoders = EncoderSet.default(settings.text_max_tokens, text_adapter=args.text_adapter)
     if args.text_adapter is not None:
-        encoders.encoders["text"] = TextEncoder(settings.text_max_tokens, adapter=args.text_adapter)
         LOG.print(f"text encoder: the adapter in {args.text_adapter}")
     with Index(str(workdir / "store"), "base", settings, encoders) as base:
         fit = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from prodsearch.encoders.base import (
     Encoder,
@@ -52,10 +53,13 @@ class EncoderSet:
         text_max_tokens: int = 64,
         inference: InferenceOptions | None = None,
         with_charcnn: bool = False,
+        text_adapter: Path | None = None,
     ) -> EncoderSet:
         """Return the shipped fine-tuned encoders, run as `inference` says (default: the
-        settings' backend). Raises ConfigError when a shipped artefact (text adapter, image
-        head) is missing: the pretrained encoders are an explicit choice, never a fall-back.
+        settings' backend); `text_adapter`: another text adapter's folder in place of the
+        shipped one (a benchmark's encoder that has not seen some catalog). Raises ConfigError
+        when a shipped artefact (text adapter, image head) is missing: the pretrained encoders
+        are an explicit choice, never a fall-back.
 
         The ArcFace char-CNN joins only `with_charcnn`: fused with text, sparse chars and phash
         it added nothing to Shopee test F1 (formula 0.829 -> 0.826, README "Results"), so it is
@@ -63,7 +67,11 @@ class EncoderSet:
         """
         inference = inference or InferenceOptions.from_settings()
         encoders: list[Encoder] = [
-            TextEncoder(max_tokens=text_max_tokens, adapter=shipped_adapter(), inference=inference),
+            TextEncoder(
+                max_tokens=text_max_tokens,
+                adapter=text_adapter or shipped_adapter(),
+                inference=inference,
+            ),
             CharsEncoder(),
             ImageEncoder(head=shipped_head(), inference=inference),
             PhashEncoder(),
